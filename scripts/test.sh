@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up and run retrace's checks from a clean clone: lint, then the whole pytest suite.
+# As root on Debian it also installs slurm-wlm so that the real-SLURM tests run (else they skip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      slurmctld slurmd slurm-client munge >/dev/null) || echo "warning: slurm-wlm not installed; SLURM tests will skip"
+fi
+.venv/bin/ruff check .
+.venv/bin/python -m pytest "$@"

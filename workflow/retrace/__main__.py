@@ -1,0 +1,5 @@
+import sys
+
+from retrace.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``retrace`` CLI, one module each (see ``retrace.cli``)."""

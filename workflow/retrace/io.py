@@ -1,0 +1,74 @@
+"""Atomic file writes: a reader never sees a half-written checkpoint, table or index.
+
+Everything is written to a temporary file in the destination directory and renamed over the
+target only after it is complete and flushed, so a crash leaves either the old file or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
+
+    The caller writes the file itself (e.g. ``safetensors.torch.save_file(t, tmp)``). On any
+    exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _fsync_file(tmp_path)
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[Any]:
+    """Open a temporary file for writing; it replaces ``path`` only when the block succeeds."""
+    if not any(c in mode for c in "wx"):
+        raise ValueError(f"atomic_open is for writing, got mode {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode.replace("x", "w"), **kwargs) as fh:
+        yield fh
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+
+
+def write_parquet(path: str | os.PathLike, frame: Any) -> None:
+    """Write a pandas DataFrame as Parquet (pyarrow), atomically."""
+    with atomic_path(path, suffix=".parquet") as tmp:
+        frame.to_parquet(tmp, engine="pyarrow", index=False)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
