@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { ! command -v slurmctld || ! command -v chromium; } >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      slurmctld slurmd slurm-client munge >/dev/null) || echo "warning: slurm-wlm not installed; SLURM tests will skip"
+      slurmctld slurmd slurm-client munge chromium >/dev/null) || echo "warning: slurm-wlm or chromium not installed; SLURM and browser tests will skip"
 fi
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"

@@ -30,6 +30,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         _fsync_file(tmp_path)
+        os.chmod(tmp_path, default_file_mode())  # mkstemp makes 0600; results are shared on clusters
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -58,6 +59,20 @@ def write_parquet(path: str | os.PathLike, frame: Any) -> None:
     """Write a pandas DataFrame as Parquet (pyarrow), atomically."""
     with atomic_path(path, suffix=".parquet") as tmp:
         frame.to_parquet(tmp, engine="pyarrow", index=False)
+
+
+def default_file_mode() -> int:
+    """0o666 less the umask: what a plain ``open(..., "w")`` gives (``mkstemp`` gives 0o600)."""
+    try:  # Linux: read it without changing it (os.umask is process-wide, racy under threads)
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_file(path: Path) -> None:
