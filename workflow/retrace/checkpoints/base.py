@@ -40,12 +40,20 @@ class ParamReader(abc.ABC):
     def get(self, name: str) -> torch.Tensor:
         """One parameter as a CPU tensor in its stored dtype."""
 
+    def dtype(self, name: str) -> torch.dtype:
+        """Stored dtype of one parameter; readers that can, answer without loading it."""
+        return self.get(name).dtype
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
             yield name, self.get(name)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.items())
+
+    def location(self, name: str) -> str:
+        """The file (or source) that holds ``name``, for error messages; readers refine it."""
+        return self.source
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files; readers holding nothing open need not override it."""
@@ -78,3 +86,6 @@ class DictReader(ParamReader):
 
     def get(self, name: str) -> torch.Tensor:
         return self._params[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._params[name].dtype
