@@ -1,8 +1,9 @@
 """retrace.neox: GPT-NeoX v1.0 configs from the published Pythia ymls, the launch, and the conversion back.
 
 What is checked here without GPT-NeoX (no GPU, no checkout on this machine):
-  * the packaged published ymls are the verbatim copies their headers claim (sha256) and agree with the
-    reference table (reference/pythia-neox.md §1) and retrace's size registry and recipes;
+  * the published configs (a facts table in retrace.neox.published, no copied files) hold every size and
+    variant, the documented inconsistencies, and agree with the reference table (reference/pythia-neox.md
+    §1-§4) and retrace's size registry and recipes;
   * generated configs equal the golden files in tests/golden/neox/ (regenerate with
     RETRACE_REGEN_GOLDEN=1 and review the diff), keep every published value the cell does not change,
     parse with GPT-NeoX's loader (yaml.load FullLoader) to the right types, and satisfy v1.0's batch
@@ -103,8 +104,10 @@ def v1_batch_check(a: dict) -> tuple[int, int, int, int]:
 # --- the published data -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size,deduped", all_published())
 def test_published_copies_match_the_reference_table(size, deduped):
-    pub = published_config(size, deduped)  # checks the body sha256 against the header
-    assert pub.repo == "EleutherAI/pythia" and pub.commit.startswith("a19eecb8")
+    pub = published_config(size, deduped)
+    assert pub.repo == "EleutherAI/pythia" and pub.commit == "a19eecb807ec2c79a39ebf18108816e6ffffc1d5"
+    assert pub.name == f"pythia-{size}{'-deduped' if deduped else ''}"
+    assert pub.path == f"models/{size.upper()}/{pub.name}.yml" and pub.size == size and pub.deduped == deduped
     a = pub.normalized()
     L, h, heads, lr, min_lr, pp, mp, micro, ga, stage, bucket = TABLE[size]
     layers = 40 if pub.name == "pythia-12b-deduped" else L  # the documented typo (heads 36 too)
@@ -134,19 +137,73 @@ def test_published_agrees_with_registry_and_recipes():
         assert a.get("gradient_accumulation_steps", 1) == r.gas
 
 
-def test_syntax_repair_and_an_edited_copy_is_refused(tmp_path, monkeypatch):
-    pub = published_config("12b")
-    assert [c.key for c in pub.corrections] == ["attention_config"]
-    body = pub.file.read_text(encoding="utf-8").split("# ---- verbatim", 1)[1].split("\n", 1)[1]
-    with pytest.raises(yaml.YAMLError):
-        yaml.load(body, Loader=yaml.FullLoader)  # as published, GPT-NeoX's loader refuses it
-    import retrace.neox.published as P
+def test_every_published_variant_is_in_the_table():
+    names = {published_config(s, d).name for s, d in all_published()}
+    assert len(names) == 18 and len(PUBLISHED_SIZES) == 10 and set(NO_DEDUPED) == {"14m", "31m"}
+    for size in NO_DEDUPED:
+        with pytest.raises(RetraceError, match="has no deduped run"):
+            published_config(size, deduped=True)
+    for size, deduped in all_published():  # keys unique as GPT-NeoX sees them, values fresh per call
+        pub = published_config(size, deduped)
+        assert len(pub.normalized()) == len(pub.values)
+        pub.values["fp16"]["enabled"] = False
+        assert published_config(size, deduped).values["fp16"]["enabled"] is True
 
-    copy = tmp_path / "pythia-70m.yml"
-    copy.write_text((P.PUBLISHED_DIR / "pythia-70m.yml").read_text(encoding="utf-8").replace("0.001", "0.002"))
-    monkeypatch.setattr(P, "PUBLISHED_DIR", tmp_path)
-    with pytest.raises(RetraceError, match="body sha256"):
-        published_config("70m")
+
+@pytest.mark.parametrize("size,deduped", all_published())
+def test_published_values_the_reference_states(size, deduped):
+    a = published_config(size, deduped).normalized()
+    assert a["optimizer"] == {"type": "Adam", "params": {"lr": TABLE[size][3], "betas": [0.9, 0.95], "eps": 1e-8}}
+    assert isinstance(a["optimizer"]["params"]["eps"], float) and isinstance(a["min_lr"], float)
+    assert a["fp16"] == {"fp16": True, "enabled": True, "loss_scale": 0, "loss_scale_window": 1000,
+                         "initial_scale_power": 12, "hysteresis": 2, "min_loss_scale": 1}  # 1b too (§1)
+    assert a["extra_save_iters"] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512] and a["checkpoint_factor"] == 1000
+    assert (a["lr_decay_style"], a["weight_decay"], a["gradient_clipping"]) == ("cosine", 0.1, 1.0)
+    assert (a["hidden_dropout"], a["attention_dropout"], a["rotary_pct"], a["pos_emb"]) == (0, 0, 0.25, "rotary")
+    assert a["gpt_j_residual"] is True and a["no_weight_tying"] is True and a["bias_gelu_fusion"] is True
+    z = a["zero_optimization"]
+    assert z["allgather_bucket_size"] == z["reduce_bucket_size"] and isinstance(z["reduce_bucket_size"], int)
+    assert (z["allgather_partitions"], z["overlap_comm"], z["reduce_scatter"], z["contiguous_gradients"],
+            z["cpu_offload"]) == (True, True, True, True, False)
+    assert a["train_data_paths"] == a["valid_data_paths"] == a["test_data_paths"]
+    assert a["tokenizer_type"] == "HFTokenizer" and a["vocab_file"].endswith("/20B_tokenizer.json")
+    assert a["attention_config"] == [[["flash"], TABLE[size][0]]]  # the true depth, 12b-deduped included
+    small = size in NO_DEDUPED  # §1: no activation checkpointing; no SLURM launcher keys
+    assert a["checkpoint_activations"] is a["partition_activations"] is (not small)
+    assert ("launcher" in a, a.get("deepspeed_slurm")) == ((False, None) if small else (True, True))
+
+
+def test_published_inconsistencies_are_kept():
+    """The table restates the configs as published; retrace.neox.config corrects these (test_corrections)."""
+    d12 = published_config("12b", deduped=True).normalized()
+    assert (d12["num_layers"], d12["num_attention_heads"]) == (40, 36)  # typo: the model has 36/40
+    b1 = published_config("1b").normalized()
+    assert b1["optimizer"]["params"]["lr"] == 0.00025 and "type" not in b1["fp16"]  # README: 3e-4, bf16
+    for size in ("6.9b", "12b"):
+        for deduped in (False, True):
+            a = published_config(size, deduped).normalized()
+            assert "init_method" not in a and "output_layer_init_method" not in a
+    for size in NO_DEDUPED:
+        assert published_config(size).normalized()["train_data_paths"] == [
+            "/mnt/ssd-2/pile_deduped/pile_20B_tokenizer_text_document"]
+    assert published_config("70m").normalized()["train_data_paths"] == ["/fsx/pile/pile_20B_tokenizer_text_document"]
+    assert published_config("70m", True).normalized()["train_data_paths"] == [
+        "/fsx/pile_deduped/pile_0.87_deduped_text_document"]
+    # pythia-12b.yml is not valid YAML as published (missing comma): reported as a correction
+    assert [c.key for c in published_config("12b").corrections] == ["attention_config"]
+    assert not published_config("12b", deduped=True).corrections and not published_config("6.9b").corrections
+
+
+def test_published_spelling_and_order():
+    """The 6.9b/12b configs spell four keys with '_' and carry norm and gradient_accumulation_steps."""
+    small = list(published_config("70m").values)
+    large = list(published_config("12b").values)
+    assert small[:3] == ["pipe-parallel-size", "model-parallel-size", "num-layers"] and small[-1] == "deepspeed_slurm"
+    assert {"rotary-pct", "gpt-j-residual", "output-layer-parallelism", "tokenizer-type", "gas"} <= set(small)
+    assert {"rotary_pct", "gpt_j_residual", "output_layer_parallelism", "tokenizer_type", "norm",
+            "gradient_accumulation_steps"} <= set(large)
+    assert "gas" not in large and "num_workers" not in large and "norm" not in small
+    assert large.index("norm") == large.index("max-position-embeddings") + 1
 
 
 # --- generated configs ------------------------------------------------------------------------------------

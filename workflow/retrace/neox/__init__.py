@@ -1,6 +1,6 @@
 """``engine: neox``: run a cell with GPT-NeoX v1.0 itself, from the published Pythia configs.
 
-    published_config(size, deduped)      the published yml (verbatim copy in published/), parsed
+    published_config(size, deduped)      the published yml, from a facts table (published.py)
     neox_config(size, gpus=, pdbs=, ...) the cell's GPT-NeoX v1.0 config: NeoXConfig (.text(), .corrections)
     write_neox_config(cfg, path)         written atomically (yaml, or json for DeeperSpeed's SlurmRunner)
     NeoXEnv / launch_plan                the `python ./deepy.py train.py <config>` command, pure
