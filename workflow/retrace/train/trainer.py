@@ -1,0 +1,737 @@
+"""``train(TrainConfig) -> TrainResult``: resume a published Pythia run and train it as GPT-NeoX v1.0 did.
+
+Step numbering follows the published checkpoints: ``stepN`` has trained on items [0, B·N) of the
+training order. Training step s (0-based) consumes batch s and produces ``step{s+1}``. ``steps`` is the
+step the run ends at (an absolute step number, like the published branch names).
+
+Outputs under ``out``:
+    checkpoints/step{N}.safetensors   canonical fp16 parameters (the start step and the Pythia schedule)
+    checkpoints/manifest.json         written LAST on success: steps, files, sha256
+    state/step{N}/                    resume states (newest two kept)
+    train_log.parquet                 one row per step
+    run.json                          environment and arguments (one entry per attempt)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retrace.errors import RetraceError
+from retrace.io import write_json, write_parquet
+from retrace.train import state as st
+from retrace.train.distributed import DistEnv, detect, launch_local
+from retrace.train.recipe import PYTHIA_RECIPES, Recipe, pythia_save_steps, recipe_for
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+ENGINES = ("builtin", "deepspeed")
+DATA_KINDS = ("raw", "preshuffled")
+
+
+class TrainingInterrupted(Exception):
+    """A signal (SIGTERM/SIGUSR2/SIGINT) stopped training; the state at ``step`` was saved."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; state saved, rerun to resume")
+        self.signum = signum
+        self.step = step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@dataclass
+class TrainConfig:
+    """One cell: what to resume, on which data, in which layout, precision and engine, until which step."""
+
+    reference: str
+    data: str
+    out: str
+    steps: int
+    start_step: int = 0
+    data_kind: str = "preshuffled"
+    shuffle_samples: bool = False
+    order_seed: int = 1234
+    gpus: int = 1
+    pdbs: int | None = None
+    gas: int | None = None
+    global_batch: int | None = None
+    seq_length: int | None = None
+    attention: str = "flash"
+    precision: str | None = None  # None: the recipe's (fp16; bf16 for 1b)
+    engine: str = "builtin"
+    seed: int = 1234
+    recipe: str | None = None
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_iters: int | None = None
+    train_iters: int | None = None
+    threads: int | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_activations: bool = False
+    rotary_angles: str = "neox"  # GPT-NeoX v1.0 under DeepSpeed: half-precision rotary angles
+    gelu: str = "tanh"  # as trained (HF configs say erf)
+    # Run the `gpus` data-parallel ranks one after another in this process (builtin engine): each rank's
+    # fp16 gradients accumulate over its gas micro-batches, then are summed in rank order and averaged,
+    # as the all-reduce would. Same arithmetic as real ranks (bitwise for 2 ranks; with more, the
+    # all-reduce may associate the sum differently). Lets a CPU study use the original many-rank layout.
+    simulate_ranks: bool = False
+    keep_states: int = 2
+    save_steps: list[int] | None = None  # default: the Pythia schedule
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    final_step: int
+    saved_steps: list[int]
+    manifest: Path
+    log: Path
+    final_loss: float | None = None
+
+
+# -- entry point -----------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train one cell. With ``gpus`` > 1 and no distributed environment, starts ``gpus`` local ranks."""
+    env = detect()
+    if env is None and cfg.gpus > 1 and not cfg.simulate_ranks:
+        # Every input check first, here, so that bad input is one error before any rank starts.
+        parent = DistEnv(rank=0, world_size=cfg.gpus, local_rank=0, local_world_size=cfg.gpus, source="local")
+        Trainer(cfg, parent).prepare()
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        fd, cfg_path = tempfile.mkstemp(prefix=".train-config.", suffix=".json", dir=out)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(cfg.to_dict(), fh)
+        try:
+            code = launch_local(["-m", "retrace.train.worker", cfg_path], cfg.gpus)
+        finally:
+            Path(cfg_path).unlink(missing_ok=True)
+        if code != 0:
+            signum = code - 128 if code > 128 else -code if code < 0 else 0
+            if signum in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+                raise TrainingInterrupted(signum, _latest_state_step(out))
+            raise RetraceError(f"training ranks failed (exit status {code}); see their messages above")
+        return _result_from_disk(out)
+    return Trainer(cfg, env).run()
+
+
+def _latest_state_step(out: Path) -> int:
+    steps = st.complete_steps(out / "state")
+    return steps[-1] if steps else -1
+
+
+def _result_from_disk(out: Path) -> TrainResult:
+    manifest = out / "checkpoints" / "manifest.json"
+    m = json.loads(manifest.read_text(encoding="utf-8"))
+    return TrainResult(out=out, final_step=m["final_step"], saved_steps=m["steps"], manifest=manifest,
+                       log=out / "train_log.parquet", final_loss=m.get("final_loss"))
+
+
+# -- validation ------------------------------------------------------------------------------------------
+def _validate_static(cfg: TrainConfig) -> None:
+    if cfg.precision is not None and cfg.precision not in PRECISIONS:
+        raise RetraceError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.engine not in ENGINES:
+        raise RetraceError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    if cfg.data_kind not in DATA_KINDS:
+        raise RetraceError(f"--data-kind must be one of {', '.join(DATA_KINDS)}, got {cfg.data_kind!r}")
+    if cfg.attention not in ("flash", "global"):
+        raise RetraceError(f"--attention must be flash or global, got {cfg.attention!r}")
+    if cfg.gpus < 1:
+        raise RetraceError(f"--gpus must be ≥ 1, got {cfg.gpus}")
+    if cfg.start_step < 0:
+        raise RetraceError(f"--start-step must be ≥ 0, got {cfg.start_step}")
+    if cfg.steps <= cfg.start_step:
+        raise RetraceError(f"--steps ({cfg.steps}) must be after --start-step ({cfg.start_step}): "
+                           "it is the step number the run ends at")
+
+
+def resolve_recipe(cfg: TrainConfig, hf_config: dict | None) -> Recipe:
+    """The recipe named by ``cfg.recipe`` or inferred from the reference's shape, with overrides."""
+    size = cfg.recipe
+    if size is None:
+        size = infer_size(hf_config, cfg.reference)
+    overrides = {"global_batch": cfg.global_batch, "seq_length": cfg.seq_length, "lr": cfg.lr,
+                 "min_lr": cfg.min_lr, "warmup_iters": cfg.warmup_iters, "train_iters": cfg.train_iters,
+                 "precision": cfg.precision}
+    return recipe_for(size, **overrides)
+
+
+def infer_size(hf_config: dict | None, reference: str) -> str:
+    from retrace.model import PYTHIA_SIZES, config_from_hf
+
+    if hf_config is not None:
+        try:
+            mc = config_from_hf(hf_config)
+        except RetraceError:
+            mc = None
+        if mc is not None:
+            for name, ref in PYTHIA_SIZES.items():
+                if (ref.n_layers, ref.hidden, ref.heads) == (mc.n_layers, mc.hidden, mc.heads) and name in PYTHIA_RECIPES:
+                    return name
+    raise RetraceError(
+        f"cannot infer the Pythia recipe from {reference!r} (its shape is no Pythia size); "
+        f"pass --recipe SIZE (one of {', '.join(PYTHIA_RECIPES)}) and any overrides"
+    )
+
+
+def resolve_source(reference: str, start_step: int) -> str:
+    """``org/repo`` + start step → ``org/repo@step{N}``; local paths and explicit ``@rev`` as given."""
+    if "@" in reference or Path(reference).exists():
+        return reference
+    return f"{reference}@step{start_step}"
+
+
+# -- the trainer -----------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None):
+        self.cfg = cfg
+        self.env = env or DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, source="single")
+        self.out = Path(cfg.out)
+        self.stop_signal: int | None = None
+        self.pg_initialized = False
+        self.optimizer_source: dict | None = None
+
+    # ---- setup -----------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        old_handlers = self._install_signals()  # from here on a signal stops at the end of a step
+        try:
+            self.prepare()
+            self.device = self._device()
+            resume = self._find_resume()
+            self._init_process_group()
+            try:
+                return self._train(resume)
+            finally:
+                self._shutdown()
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+
+    def prepare(self) -> None:
+        """Every input check, before any compute: layout, recipe, data length, start weights."""
+        cfg = self.cfg
+        _validate_static(cfg)
+        if cfg.simulate_ranks:
+            if self.env.world_size != 1:
+                raise RetraceError("--simulate-ranks runs every rank in one process; start it without a launcher")
+            if cfg.engine != "builtin":
+                raise RetraceError("--simulate-ranks needs --engine builtin")
+        elif self.env.world_size != cfg.gpus:
+            raise RetraceError(f"--gpus {cfg.gpus} but the distributed environment has {self.env.world_size} ranks")
+        self._pin_threads()
+        from retrace.checkpoints import open_config
+
+        self.source = resolve_source(cfg.reference, cfg.start_step)
+        try:
+            hf_config = open_config(self.source)
+        except RetraceError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise RetraceError(f"{self.source}: cannot read the reference's config: {exc}") from exc
+        self.recipe = resolve_recipe(cfg, hf_config)
+        r = self.recipe
+        self.pdbs = cfg.pdbs if cfg.pdbs is not None else r.micro_batch
+        self.gas = cfg.gas if cfg.gas is not None else r.gas
+        if cfg.gpus * self.pdbs * self.gas != r.global_batch:
+            raise RetraceError(
+                f"impossible layout: gpus·pdbs·gas = {cfg.gpus}·{self.pdbs}·{self.gas} = "
+                f"{cfg.gpus * self.pdbs * self.gas}, but the global batch is {r.global_batch}"
+            )
+        self.data = self._open_data()
+        self.data.check_enough(cfg.steps, r.global_batch)
+        self.hf_config = hf_config
+        self.save_steps = sorted(set(cfg.save_steps) | {cfg.start_step, cfg.steps}) if cfg.save_steps else \
+            pythia_save_steps(cfg.start_step, cfg.steps)
+        self.save_steps = [s for s in self.save_steps if cfg.start_step <= s <= cfg.steps]
+        self._check_start_step()
+        if not st.complete_steps(self.out / "state"):
+            self._open_start_params().close()  # a start step the source does not have fails here
+
+    def _check_start_step(self) -> None:
+        """A GPT-NeoX directory names its step (global_step{N}); it must be the start step asked for."""
+        import re
+
+        from retrace.checkpoints.neox import is_neox_dir, resolve_neox_dir
+
+        path = Path(self.source)
+        if path.is_dir() and is_neox_dir(path):
+            m = re.match(r"^global_step(\d+)$", resolve_neox_dir(path).name)
+            if m and int(m.group(1)) != self.cfg.start_step:
+                raise RetraceError(f"{self.source} is step {m.group(1)}, not --start-step {self.cfg.start_step}")
+
+    def _pin_threads(self) -> None:
+        t = self.cfg.threads
+        if t is None:
+            t = max(1, (os.cpu_count() or 1) // max(1, self.env.local_world_size))
+        self.threads = int(t)
+        torch.set_num_threads(self.threads)
+        os.environ["OMP_NUM_THREADS"] = str(self.threads)
+
+    def _device(self) -> torch.device:
+        want = self.cfg.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want == "cuda":
+            if not torch.cuda.is_available():
+                raise RetraceError("--device cuda but no GPU is visible")
+            idx = self.env.local_rank % torch.cuda.device_count()
+            torch.cuda.set_device(idx)
+            return torch.device("cuda", idx)
+        return torch.device("cpu")
+
+    def _open_data(self):
+        from retrace.data import open_training_data
+
+        r, cfg = self.recipe, self.cfg
+        from retrace.data import neox_num_samples
+
+        # raw: the index maps depend on GPT-NeoX's num_samples = ceil(train_iters·B·1.005) of the run
+        # being reproduced; preshuffled: the stream is the order, use all of it.
+        num_samples = neox_num_samples(r.train_iters, r.global_batch) if cfg.data_kind == "raw" else None
+        return open_training_data(cfg.data, kind=cfg.data_kind, seq_length=r.seq_length, seed=cfg.order_seed,
+                                  num_samples=num_samples, shuffle_samples=cfg.shuffle_samples)
+
+    def _open_start_params(self):
+        from retrace.checkpoints import open_params
+
+        try:
+            return open_params(self.source)
+        except RetraceError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise RetraceError(f"{self.source}: cannot open the start weights: {exc}") from exc
+
+    def _init_process_group(self) -> None:
+        if self.env.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend, rank=self.env.rank,
+                                                 world_size=self.env.world_size)
+            self.pg_initialized = True
+
+    def _shutdown(self) -> None:
+        owns = self.pg_initialized or getattr(getattr(self, "engine", None), "owns_process_group", False)
+        if owns and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    # ---- model and engine ------------------------------------------------------------------------------
+    def _build_model(self, load: bool):
+        """The network in the compute dtype on the device; with ``load``, the start weights streamed in
+        tensor by tensor (never a second full copy in memory)."""
+        from retrace.model import GPTNeoX, config_from_hf
+        from retrace.train.engine import DTYPES
+
+        mc = config_from_hf(self.hf_config, gelu=self.cfg.gelu, attention=self.cfg.attention,
+                            rotary_angles=self.cfg.rotary_angles)
+        if mc.seq_len < self.recipe.seq_length:
+            mc = mc.replace(seq_len=self.recipe.seq_length)
+        self.model_config = mc
+        dtype = DTYPES[self.recipe.precision]
+        model = GPTNeoX(mc, checkpoint_activations=self.cfg.checkpoint_activations, device="meta", dtype=dtype)
+        model.to_empty(device=self.device)
+        if not load:  # every value comes from the resume state
+            return model
+        with self._open_start_params() as reader, torch.no_grad():
+            have = set(reader.names())
+            missing = [n for n in mc.param_shapes() if n not in have]
+            if missing:
+                raise RetraceError(f"{self.source}: missing parameters {', '.join(missing[:3])}"
+                                   + (" …" if len(missing) > 3 else ""))
+            for name, p in model.named_parameters():
+                t = reader.get(name)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise RetraceError(f"{self.source}: {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                p.copy_(t.to(device=p.device, dtype=p.dtype))
+        return model
+
+    def _make_engine(self, model):
+        if self.cfg.engine == "deepspeed":
+            from retrace.train.ds_engine import DeepSpeedEngine
+
+            return DeepSpeedEngine(model, self.recipe, self.recipe.precision, pdbs=self.pdbs, gas=self.gas,
+                                   world_size=self.env.world_size, device=self.device, lr_iter=self.cfg.start_step,
+                                   zero_stage=self.recipe.zero_stage)
+        from retrace.train.engine import BuiltinEngine
+
+        return BuiltinEngine(model, self.recipe, self.recipe.precision, gas=self.gas, device=self.device,
+                             world_size=self.env.world_size, lr_iter=self.cfg.start_step,
+                             simulated_ranks=self.cfg.gpus if self.cfg.simulate_ranks else 1)
+
+    # ---- resume ----------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        c = self.cfg
+        return {"reference": c.reference, "start_step": c.start_step, "data": str(c.data), "data_kind": c.data_kind,
+                "shuffle_samples": c.shuffle_samples, "order_seed": c.order_seed, "gpus": c.gpus,
+                "pdbs": self.pdbs, "gas": self.gas, "attention": c.attention, "precision": self.recipe.precision,
+                "engine": c.engine, "recipe": self.recipe.to_dict(), "rotary_angles": c.rotary_angles,
+                "gelu": c.gelu, "simulate_ranks": c.simulate_ranks}
+
+    def _rank_file(self) -> str:
+        return f"rank{self.env.rank}.safetensors" if self.cfg.engine == "deepspeed" else "tensors.safetensors"
+
+    def _find_resume(self):
+        fp = json.loads(json.dumps(self.fingerprint()))
+
+        def check(meta: dict) -> None:
+            if meta.get("fingerprint") != fp:
+                diff = sorted(k for k in fp if meta.get("fingerprint", {}).get(k) != fp[k])
+                raise RetraceError(f"{self.out / 'state'} holds a state of a different run (differs in: "
+                                   f"{', '.join(diff)}); use another --out or delete it")
+            if meta["step"] > self.cfg.steps:
+                raise RetraceError(f"{self.out / 'state'} is already at step {meta['step']} > --steps {self.cfg.steps}")
+
+        root = self.out / "state"
+        for step in reversed(st.complete_steps(root)):
+            d = st.state_dir(root, step)
+            try:
+                meta, tensors = st.read_state(d, self._rank_file())
+            except Exception as exc:  # noqa: BLE001
+                warnings.warn(f"resume state {d} is unusable ({exc}); falling back to an older one",
+                              RuntimeWarning, stacklevel=2)
+                if self.env.is_main:
+                    print(f"retrace train: warning: resume state {d} is unusable ({exc}); trying an older one",
+                          file=sys.stderr)
+                continue
+            check(meta)  # a state of another run is an error, not damage
+            return meta, tensors
+        return None
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def _train(self, resume) -> TrainResult:
+        cfg, r = self.cfg, self.recipe
+        torch.manual_seed(cfg.seed)
+        model = self._build_model(load=resume is None)
+        engine = self._make_engine(model)
+        self.engine = engine
+        ckpt_dir = self.out / "checkpoints"
+        hashes: dict[str, str] = {}
+        rows: list[dict] = []
+        attempts: list[dict] = []
+        if resume is not None:
+            meta, tensors = resume
+            engine.load_state(tensors, meta["engine"])
+            st.set_rng_state(tensors, meta.get("rng", {}))
+            step = int(meta["step"])
+            hashes = dict(meta.get("checkpoints", {}))
+            rows = self._read_log(step)
+            attempts = self._read_attempts()
+        else:
+            step = cfg.start_step
+            self._load_source_optimizer(engine)
+            if self.env.is_main and step in self.save_steps:
+                hashes[str(step)] = self._save_checkpoint(engine, step, ckpt_dir)
+        attempts.append({"started": _now(), "resumed_from": step if resume is not None else None,
+                         "environment": environment(self.device, engine_name=cfg.engine)})
+        self._write_run_json(attempts, finished=False)
+
+        trace = None
+        if cfg.extra.get("trace_items"):  # test hook: record the item ids each rank reads
+            trace = open(self.out / f"items.rank{self.env.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        # Test hook only (kill-and-resume tests on fast machines): seconds to sleep after each step.
+        delay = float(os.environ.get("RETRACE_TEST_STEP_DELAY", "0") or 0)
+        ranks = range(cfg.gpus) if cfg.simulate_ranks else [self.env.rank]
+        tokens_per_step = r.global_batch * r.seq_length
+        t_start = time.perf_counter()
+        last_print = 0.0
+        first_step = step
+        final_loss = rows[-1]["loss"] if rows else None
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for rank in ranks:
+                for k in range(self.gas):
+                    ids = self.data.batch_items(step, micro=k, rank=rank, pdbs=self.pdbs, gpus=cfg.gpus,
+                                                global_batch=r.global_batch)
+                    sample = torch.as_tensor(self.data.samples(ids), dtype=torch.int64)
+                    if trace is not None:
+                        trace.write(json.dumps({"step": step, "micro": k, "rank": rank,
+                                                "ids": [int(i) for i in ids]}) + "\n")
+                    loss_sum += engine.forward_backward(sample).double().cpu()
+                if cfg.simulate_ranks:
+                    engine.end_rank()
+            res = engine.step()
+            if delay:
+                time.sleep(delay)
+            loss, stop = self._reduce_loss_and_stop(loss_sum)
+            step += 1
+            dt = time.perf_counter() - t0
+            final_loss = loss
+            rows.append({"step": step, "loss": loss, "lr": res.lr, "loss_scale": res.loss_scale,
+                         "grad_norm": res.grad_norm, "skipped": res.skipped, "tokens_per_s": tokens_per_step / dt,
+                         "step_time_s": dt, "lr_iter": engine.lr_iter, "adam_steps": engine.adam_steps})
+            saving = step in self.save_steps
+            if saving and self.env.is_main:
+                hashes[str(step)] = self._save_checkpoint(engine, step, ckpt_dir)
+            if saving or stop or step == cfg.steps:
+                self._save_state(engine, step, hashes, rows)
+            now = time.perf_counter()
+            if cfg.progress and self.env.is_main and (now - last_print > 2.0 or step == cfg.steps or stop):
+                last_print = now
+                self._progress(step, loss, res, tokens_per_step, (now - t_start) / (step - first_step))
+            if stop:
+                if trace is not None:
+                    trace.close()
+                raise TrainingInterrupted(stop, step)
+        if trace is not None:
+            trace.close()
+        # Success: everything else first, the manifest last.
+        if self.env.is_main:
+            self._write_log(rows)
+            attempts[-1]["finished"] = _now()
+            self._write_run_json(attempts, finished=True)
+            manifest = self._write_manifest(ckpt_dir, hashes, final_loss)
+        else:
+            manifest = ckpt_dir / "manifest.json"
+        self._barrier()
+        return TrainResult(out=self.out, final_step=cfg.steps, saved_steps=list(self.save_steps), manifest=manifest,
+                           log=self.out / "train_log.parquet", final_loss=final_loss)
+
+    def _reduce_loss_and_stop(self, loss_sum: torch.Tensor) -> tuple[float, int]:
+        """Mean loss over micro-batches and ranks; and whether any rank got a stop signal (its number)."""
+        buf = torch.tensor([float(loss_sum), float(self.stop_signal or 0)], dtype=torch.float64)
+        if self.env.world_size > 1:
+            dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+            t = buf.to(dev)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+            buf = t.cpu()
+            sig = int(buf[1]) and (self.stop_signal or signal.SIGTERM)
+        else:
+            sig = int(buf[1])
+        return float(buf[0]) / (self.gas * self.cfg.gpus), int(sig)
+
+    def _barrier(self) -> None:
+        if self.env.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    # ---- signals ---------------------------------------------------------------------------------------
+    def _install_signals(self) -> dict:
+        """SIGTERM/SIGUSR2/SIGINT set a flag; the loop saves the state after the current step and stops."""
+        def handler(signum, _frame):
+            if self.stop_signal is None:
+                self.stop_signal = signum
+
+        old = {}
+        for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+            try:
+                old[s] = signal.signal(s, handler)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return old
+
+    # ---- writing -----------------------------------------------------------------------------------------
+    def _save_checkpoint(self, engine, step: int, ckpt_dir: Path) -> str:
+        from retrace.checkpoints import save_params
+
+        path = ckpt_dir / f"step{step}.safetensors"
+        save_params(engine.export_params(torch.float16), path,
+                    metadata={"step": str(step), "reference": self.cfg.reference, "producer": "retrace train"})
+        return st.sha256_file(path)
+
+    def _save_state(self, engine, step: int, hashes: dict, rows: list[dict]) -> None:
+        root = self.out / "state"
+        d = st.state_dir(root, step)
+        tensors = dict(engine.state_tensors())
+        rng_t, rng_meta = st.rng_state()
+        tensors.update(rng_t)
+        sha = st.save_tensors(d / self._rank_file(), tensors)
+        files = {self._rank_file(): sha}
+        if self.env.world_size > 1 and self.cfg.engine == "deepspeed":
+            gathered: list[Any] = [None] * self.env.world_size
+            torch.distributed.all_gather_object(gathered, files)
+            files = {k: v for g in gathered for k, v in g.items()}
+        else:
+            self._barrier()
+        if self.env.is_main:
+            self._write_log(rows)
+            st.write_state_json(root, step, {"engine": engine.state_meta(), "rng": rng_meta,
+                                             "fingerprint": json.loads(json.dumps(self.fingerprint())),
+                                             "checkpoints": hashes, "threads": self.threads,
+                                             "data_position": step * self.recipe.global_batch,
+                                             "written": _now()}, files, keep=self.cfg.keep_states)
+        self._barrier()
+
+    def _write_log(self, rows: list[dict]) -> None:
+        import pandas as pd
+
+        cols = ["step", "loss", "lr", "loss_scale", "grad_norm", "skipped", "tokens_per_s", "step_time_s",
+                "lr_iter", "adam_steps"]
+        frame = pd.DataFrame(rows, columns=cols)
+        frame = frame.astype({"step": "int64", "loss": "float64", "lr": "float64", "loss_scale": "float64",
+                              "grad_norm": "float64", "skipped": "bool", "tokens_per_s": "float64",
+                              "step_time_s": "float64", "lr_iter": "int64", "adam_steps": "int64"})
+        write_parquet(self.out / "train_log.parquet", frame)
+
+    def _read_log(self, step: int) -> list[dict]:
+        path = self.out / "train_log.parquet"
+        if not path.exists():
+            return []
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        return frame[frame["step"] <= step].to_dict("records")
+
+    def _read_attempts(self) -> list[dict]:
+        try:
+            return list(json.loads((self.out / "run.json").read_text(encoding="utf-8")).get("attempts", []))
+        except (OSError, ValueError):
+            return []
+
+    def _write_run_json(self, attempts: list[dict], finished: bool) -> None:
+        if not self.env.is_main:
+            return
+        env = attempts[-1]["environment"]
+        write_json(self.out / "run.json", {
+            "arguments": self.cfg.to_dict(),
+            "source": self.source,
+            "recipe": self.recipe.to_dict(),
+            "model": dataclasses.asdict(self.model_config),
+            "layout": {"gpus": self.cfg.gpus, "pdbs": self.pdbs, "gas": self.gas,
+                       "global_batch": self.recipe.global_batch, "seq_length": self.recipe.seq_length},
+            "engine": self.cfg.engine,
+            "precision": self.recipe.precision,
+            "distributed": {"source": self.env.source, "world_size": self.env.world_size,
+                            "backend": "nccl" if self.device.type == "cuda" and self.env.world_size > 1
+                            else ("gloo" if self.env.world_size > 1 else None)},
+            "threads_per_rank": self.threads,
+            "save_steps": self.save_steps,
+            "optimizer_state_from": self.optimizer_source,
+            "environment": env,
+            "attempts": attempts,
+            "finished": finished,
+        })
+
+    def _write_manifest(self, ckpt_dir: Path, hashes: dict, final_loss: float | None) -> Path:
+        files = []
+        for s in self.save_steps:
+            name = f"step{s}.safetensors"
+            path = ckpt_dir / name
+            if not path.exists():
+                raise RetraceError(f"{path} is missing although step {s} was trained")
+            sha = hashes.get(str(s)) or st.sha256_file(path)
+            files.append({"step": s, "file": name, "sha256": sha})
+        manifest = ckpt_dir / "manifest.json"
+        write_json(manifest, {"steps": list(self.save_steps), "files": files, "final_step": self.cfg.steps,
+                              "start_step": self.cfg.start_step, "reference": self.cfg.reference,
+                              "dtype": "float16", "final_loss": final_loss, "written": _now()})
+        return manifest
+
+    def _progress(self, step: int, loss: float, res, tokens_per_step: int, sec_per_step: float) -> None:
+        left = (self.cfg.steps - step) * sec_per_step
+        msg = (f"step {step}/{self.cfg.steps} loss {loss:.4f} lr {res.lr:.3e} scale {res.loss_scale:g}"
+               f"{' SKIPPED' if res.skipped else ''} {tokens_per_step / sec_per_step:,.0f} tok/s ETA {_hms(left)}")
+        if sys.stderr.isatty():
+            print("\r" + msg, end="\n" if step == self.cfg.steps else "", file=sys.stderr, flush=True)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    # ---- NeoX-native optimizer state -----------------------------------------------------------------
+    def _optimizer_source_path(self) -> str | None:
+        """A local GPT-NeoX directory holding the start step's ZeRO files, if the source is one (a Hub
+        GPT-NeoX repo is fetched again with its optimizer states)."""
+        from retrace.checkpoints import parse_source, resolve_hub
+
+        src = parse_source(self.source)
+        if src.kind != "hub":
+            return str(src.path)
+        snap = resolve_hub(src.repo_id, src.revision)
+        if not snap.weights.is_dir():  # Hugging Face format: weights only
+            return None
+        try:
+            return str(resolve_hub(src.repo_id, src.revision, include_optimizer=True).weights)
+        except RetraceError as exc:
+            warnings.warn(f"{self.source}: no ZeRO optimizer state ({exc}); starting Adam from zero",
+                          RuntimeWarning, stacklevel=2)
+            return None
+
+    def _load_source_optimizer(self, engine) -> None:
+        """From a GPT-NeoX native checkpoint with ZeRO optimizer files: fp32 master, Adam moments, counters."""
+        from retrace.train.neox_state import open_optimizer_state
+
+        path = self._optimizer_source_path()
+        if path is None:
+            return
+        shapes = {n: tuple(s) for n, s in self.model_config.param_shapes().items()}
+        opt = open_optimizer_state(path, shapes=shapes, n_layers=self.model_config.n_layers)
+        if opt is None:
+            return
+        engine.load_optimizer_state(master=opt.master, exp_avg=opt.exp_avg, exp_avg_sq=opt.exp_avg_sq,
+                                    adam_steps=opt.step, lr_iter=opt.lr_iter,
+                                    loss_scaler=opt.loss_scaler if self.recipe.precision == "fp16" else None)
+        self.optimizer_source = {"path": opt.source, "adam_steps": opt.step, "lr_iter": opt.lr_iter,
+                                 "iteration": opt.iteration, "loss_scaler": opt.loss_scaler}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _hms(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=False)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def environment(device: torch.device | None = None, engine_name: str | None = None) -> dict:
+    """Python, torch, CUDA/cuDNN, GPUs, host, git commit (and deepspeed when used)."""
+    cuda = torch.cuda.is_available()
+    env = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "device": str(device) if device is not None else None,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": _git_commit(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    if engine_name == "deepspeed":
+        try:
+            import deepspeed
+
+            env["deepspeed"] = deepspeed.__version__
+        except ImportError:
+            env["deepspeed"] = None
+    return env
