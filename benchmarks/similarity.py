@@ -1,0 +1,212 @@
+"""Benchmark ``retrace.similarity.compare_params`` against a naive float64 NumPy pass and a plain read.
+
+Writes two fp16 safetensors checkpoints of a Pythia-shaped model (default ~1 GB each, ~500M parameters:
+Pythia-410m's width with as many layers as the size allows) into a temporary directory, removed
+afterwards, then times in the same process, each the best of ``--repeat`` runs with the files in the page
+cache (one untimed read first):
+
+  read (mmap)  every byte of both files read through the project's reader (``open_params(...).get``,
+               memory-mapped by safetensors) and copied chunk by chunk into one small reused buffer
+               on one thread: the same access path as retrace, computing nothing. This is the
+               baseline for "retrace / read-through": it is the fair one, since retrace pays the same
+               page faults.
+  read (raw)   both files read with ``readinto`` into preallocated buffers: the fastest way to get the
+               bytes into the process at all (a different access path), shown for reference.
+  naive        load all parameters (``safetensors.numpy.load_file``), flatten and concatenate into one
+               float64 vector per side, then NumPy (BLAS) dot products a·a, b·b, a·b and (a−b)·(a−b).
+  retrace      ``compare_sources(A, B)``: totals and every per-tensor row.
+
+Prints seconds, GB/s of checkpoint bytes, and the ratios naive/retrace and retrace/read.
+
+``--cold`` also times the reads and retrace with the two files dropped from the page cache before each
+run (``posix_fadvise(DONTNEED)`` on these files only): the case of checkpoints larger than memory,
+where every byte comes from the disk.
+
+    python benchmarks/similarity.py               # ~1 GB per checkpoint (needs ~12 GB RAM for naive)
+    python benchmarks/similarity.py --size-gb 0.1 # quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrace.checkpoints import open_params, save_params
+from retrace.similarity import compare_sources
+from retrace.sizes import ModelConfig, pythia_config
+
+
+def model_config(n_params: int) -> ModelConfig:
+    """Pythia-410m's width (hidden 1024, 16 heads, vocabulary 50304) with as many layers as make about
+    ``n_params`` parameters; below ~130M the vocabulary shrinks instead, so the tensor mix stays a
+    real model's (a few big matrices per layer, small norms and biases)."""
+    base = pythia_config("410m")
+    h, vocab = base.hidden, base.vocab
+    per_layer = base.replace(n_layers=2).n_params - base.replace(n_layers=1).n_params
+    if n_params < 2 * vocab * h + 2 * per_layer:
+        vocab = max(256, (n_params - 2 * per_layer) // (2 * h))
+    layers = max(1, round((n_params - 2 * vocab * h) / per_layer))
+    return base.replace(n_layers=layers, vocab=vocab)
+
+
+def write_pair(directory: Path, n_params: int, seed: int = 0) -> tuple[Path, Path, int]:
+    """A: an initialisation-like checkpoint; B: A after a small perturbation, norms and biases of
+    some layers left identical (bitwise-equal rows, as in an early reproduction)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = model_config(n_params).param_shapes()
+    a, b = {}, {}
+    for name, shape in shapes.items():
+        if name.endswith("layernorm.weight") or name.endswith("final_layer_norm.weight"):
+            t = torch.ones(shape)
+        elif name.endswith(".bias"):
+            t = torch.zeros(shape)
+        else:
+            t = torch.randn(shape, generator=g) * 0.02
+        a[name] = t.half()
+        if "layers.0." in name or "norm" in name:
+            b[name] = a[name].clone()
+        else:
+            b[name] = (t + torch.randn(shape, generator=g) * 2e-4).half()
+        del t
+    pa, pb = directory / "a.safetensors", directory / "b.safetensors"
+    save_params(a, pa)
+    save_params(b, pb)
+    return pa, pb, sum(math.prod(s) for s in shapes.values())
+
+
+def read_raw(paths, buffers) -> None:
+    for p in paths:
+        with open(p, "rb", buffering=0) as fh:
+            view = memoryview(buffers[p])
+            got = 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise OSError(f"{p}: short read")
+                got += n
+
+
+def read_mmap(paths, chunk: int = 1 << 21) -> None:
+    """Every byte of every tensor, as the reader hands it out, copied into one reused buffer by NumPy
+    (one thread: torch's copy would open an OpenMP region per chunk, which a busy machine stalls)."""
+    buf = np.empty(chunk, dtype=np.uint8)
+    for p in paths:
+        with open_params(p) as r:
+            for name in r.names():
+                t = r.get(name).reshape(-1).view(torch.uint8).numpy()
+                for s in range(0, t.size, chunk):
+                    part = t[s : s + chunk]
+                    np.copyto(buf[: part.size], part)
+
+
+def time_raw(paths, repeat: int) -> float:
+    buffers = {p: bytearray(os.path.getsize(p)) for p in paths}
+    read_raw(paths, buffers)  # fault the buffers in, untimed
+    return best_of(lambda: read_raw(paths, buffers), repeat)[0]
+
+
+def evict(paths) -> None:
+    """Drop these files' pages from the page cache (they are clean: written and fsynced)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cold(fn, paths):
+    def run():
+        evict(paths)
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def naive(pa, pb) -> tuple[float, float, float]:
+    from safetensors.numpy import load_file
+
+    def flat(path):
+        params = load_file(path)
+        names = sorted(params)
+        return np.concatenate([params[k].ravel() for k in names], dtype=np.float64)
+
+    a = flat(pa)
+    b = flat(pb)
+    aa, bb, ab = a @ a, b @ b, a @ b
+    np.subtract(a, b, out=a)
+    dd = a @ a
+    return ab / math.sqrt(aa * bb), 1.0 - ab / math.sqrt(aa * bb), math.sqrt(dd)
+
+
+def best_of(fn, repeat: int):
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=1.0, help="size of each fp16 checkpoint (default 1.0)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement, best kept (default 3)")
+    ap.add_argument("--naive-repeat", type=int, default=2, help="runs of the naive pass (default 2)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--cold", action="store_true", help="also time reads and retrace from a cold page cache")
+    ap.add_argument("--dir", default=None, help="parent of the temporary directory (default: the system's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="retrace-bench-", dir=args.dir) as tmp:
+        t0 = time.perf_counter()
+        pa, pb, n = write_pair(Path(tmp), int(args.size_gb * 1e9 / 2))
+        paths = [pa, pb]
+        nbytes = sum(os.path.getsize(p) for p in paths)
+        print(f"checkpoints: 2 x {nbytes / 2e9:.2f} GB fp16, {n:,} parameters each, "
+              f"{len(model_config(int(args.size_gb * 1e9 / 2)).param_shapes())} tensors (written in {time.perf_counter() - t0:.1f}s)")
+        print(f"torch threads (= retrace's workers): {torch.get_num_threads()}, CPUs: {os.cpu_count()}")
+
+        read_mmap(paths)  # warm the page cache, untimed
+        t_mmap, _ = best_of(lambda: read_mmap(paths), args.repeat)
+        t_raw = time_raw(paths, args.repeat)
+        t_ret, res = best_of(lambda: compare_sources(str(pa), str(pb)), args.repeat)
+        t_naive, (cos_n, omc_n, l2_n) = best_of(lambda: naive(pa, pb), args.naive_repeat)
+        if args.cold:
+            c_mmap = min(cold(lambda: read_mmap(paths), paths)() for _ in range(args.repeat))
+            c_ret = min(cold(lambda: compare_sources(str(pa), str(pb)), paths)() for _ in range(args.repeat))
+
+    gb = nbytes / 1e9
+    print()
+    print(f"{'':14s}{'seconds':>9s}{'GB/s':>8s}")
+    for label, t in (("read (mmap)", t_mmap), ("read (raw)", t_raw), ("naive numpy", t_naive), ("retrace", t_ret)):
+        print(f"{label:14s}{t:9.3f}{gb / t:8.2f}")
+    print()
+    print(f"naive / retrace         {t_naive / t_ret:6.2f}x   (goal >= 3)")
+    print(f"retrace / read (mmap)   {t_ret / t_mmap:6.2f}x   (goal <= 2; the baseline: same access path)")
+    print(f"retrace / read (raw)    {t_ret / t_raw:6.2f}x   (for reference)")
+    if args.cold:
+        print()
+        print(f"cold page cache: read (mmap) {c_mmap:.3f}s ({gb / c_mmap:.2f} GB/s), retrace {c_ret:.3f}s, "
+              f"retrace / read {c_ret / c_mmap:.2f}x")
+    print()
+    print(f"retrace: 1 - cos = {res.one_minus_cos:.6e}, L2 = {res.l2:.6e}, "
+          f"{res.n_bitwise_equal}/{len(res.tensors)} tensors bitwise equal")
+    print(f"naive:   1 - cos = {omc_n:.6e}, L2 = {l2_n:.6e}, "
+          f"|cos difference| = {abs(cos_n - res.cos):.1e}")
+
+
+if __name__ == "__main__":
+    main()
