@@ -136,3 +136,34 @@ def test_missing_file_and_subprocess_entry_point(ckpts, tmp_path):
     )
     d = json.loads(proc.stdout)
     assert d["one_minus_cos"] == 0.0 and d["cos"] == 1.0 and d["n_bitwise_equal"] == 3
+
+
+def _tiny_init(tmp_path, name, seed, init="small_wang"):
+    from retrace.model import GPTNeoX, ModelConfig, init_weights
+
+    cfg = ModelConfig(n_layers=2, hidden=64, heads=4, vocab=256, seq_len=32, init=init)
+    model = init_weights(GPTNeoX(cfg), seed)
+    path = tmp_path / f"{name}.safetensors"
+    save_params(model.state_dict(), path)
+    return path
+
+
+def test_forensics_reads_two_seeds_as_same_scheme_other_rng(tmp_path, capsys):
+    a, b = _tiny_init(tmp_path, "a", 1), _tiny_init(tmp_path, "b", 2)
+    rc, out, err = run_cli(capsys, a, b, "--forensics")
+    assert rc == 0, err
+    assert "reading: same init scheme, different RNG" in out
+    rc, out, err = run_cli(capsys, a, b, "--forensics", "--json")
+    payload = json.loads(out)
+    assert payload["forensics"]["reading"] == "same init scheme, different RNG"
+    assert payload["forensics"]["scheme_differs"] == []
+
+
+def test_forensics_names_a_different_scheme(tmp_path, capsys):
+    a = _tiny_init(tmp_path, "a", 1)
+    b = _tiny_init(tmp_path, "b", 2, init="normal_scaled")
+    rc, out, err = run_cli(capsys, a, b, "--forensics", "--json")
+    assert rc == 0, err
+    forensics = json.loads(out)["forensics"]
+    assert forensics["reading"] == "different scheme"
+    assert forensics["scheme_differs"], forensics

@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     out.add_argument("--quiet", action="store_true", help="print nothing (use with --parquet)")
     p.add_argument("--parquet", metavar="PATH", help="also write the per-tensor rows as Parquet (totals in its metadata)")
+    p.add_argument(
+        "--forensics",
+        action="store_true",
+        help="also read the per-tensor rows as a step-0 investigation: bitwise-identical tensors by kind, "
+        "std ratios by layer type, and whether B looks like the same init scheme with another RNG",
+    )
     p.add_argument("--top", type=int, metavar="N", help="show only the N most different tensors (see --sort)")
     p.add_argument(
         "--sort",
@@ -71,10 +77,21 @@ def run(args: argparse.Namespace) -> int:
         from retrace.io import write_parquet
 
         write_parquet(args.parquet, result.tensor_frame())
+    report = None
+    if args.forensics:
+        from retrace.forensics import read_similarity
+
+        report = read_similarity(result)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+        payload = result.to_dict()
+        if report is not None:
+            payload["forensics"] = report.to_dict()
+        print(json.dumps(payload, indent=2, allow_nan=False))
     elif not args.quiet:
         print(format_table(result, top=args.top, sort=args.sort))
+        if report is not None:
+            print()
+            print(report.render())
     return 0
 
 
