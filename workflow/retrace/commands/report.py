@@ -1,0 +1,62 @@
+"""``retrace report``: factor tables, trajectory figures, the verdict and index.html."""
+
+from __future__ import annotations
+
+import argparse
+
+from retrace.errors import RetraceError
+
+
+def parse_steps(text: str) -> list[int]:
+    """``1,2,4`` → [1, 2, 4] (argparse turns the error into a usage message naming --steps)."""
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not steps or any(s < 0 for s in steps):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return steps
+
+
+def parse_documented(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        model, sep, variant = item.partition("=")
+        if not sep or not model or not variant:
+            raise RetraceError(f"--documented: expected MODEL=VARIANT, got {item!r}")
+        out[model] = variant
+    return out
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="factor tables, trajectory figures and the data-variant verdict from results/tables/",
+        description=(
+            "Write OUT/index.html, OUT/verdict.{json,txt}, OUT/tables/factor_<axis>.{csv,md,html} and "
+            "OUT/figures/*.png from the aggregated tables. The directory is replaced as a whole."
+        ),
+    )
+    p.add_argument("--tables", required=True, help="directory written by `retrace aggregate` (results/tables)")
+    p.add_argument("--out", required=True, help="report directory (results/report/)")
+    p.add_argument(
+        "--steps",
+        type=parse_steps,
+        default=None,
+        help="comma-separated steps for the tables and per-step counts (default: each model's final common step)",
+    )
+    p.add_argument(
+        "--documented",
+        action="append",
+        default=[],
+        metavar="MODEL=VARIANT",
+        help="the data variant a model is published as; the verdict says whether it agrees (repeatable)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from retrace.report.build import build_report
+
+    build_report(args.tables, args.out, args.steps, parse_documented(args.documented))
+    return 0

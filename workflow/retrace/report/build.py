@@ -1,0 +1,225 @@
+"""The report directory: factor tables, figures, verdict and a self-contained ``index.html``.
+
+Layout of ``out`` (built in a temporary sibling directory and renamed into place when complete, so a
+failed run leaves the previous report or nothing)::
+
+    index.html                       everything below on one page, figures embedded
+    verdict.json, verdict.txt        the closest data variant per model, sign-tested, with evidence
+    tables/factor_<axis>.csv         one row per model × axis value: θ Cos, 1 − θ Cos, L2 per data × step
+    tables/factor_<axis>.md          the same for people (θ Cos to enough decimals), with the averaging note
+    tables/factor_<axis>.html        the same as an HTML fragment
+    tables/factors_long.csv          all factor tables in long form (model, factor, value, data, step, ...)
+    tables/cells_final.csv           every cell at its final step (axes, θ Cos, L2, last loss if logged)
+    figures/trajectory_<model>.png   1 − θ Cos and L2 over steps, one line per data variant
+    figures/factor_<axis>_<model>.png  the same split by one factor's values
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from retrace.errors import RetraceError
+from retrace.io import write_json
+from retrace.report import tables as T
+from retrace.report.frames import DATA, MODEL, axis_columns, fmt_cos, fmt_num, read_parquet, show
+from retrace.report.trajectories import factor_figure, figure_name, trajectory_figure
+from retrace.report.verdict import verdict_json, verdict_text, verdicts
+
+SIMILARITY_COLUMNS = ("cell", "step", "cos", "one_minus_cos", "l2", MODEL, DATA)
+MARKER = "verdict.json"  # a directory holding it is a retrace report and may be replaced
+
+
+def load_similarity(tables: Path) -> pd.DataFrame:
+    sim = read_parquet(tables / "similarity.parquet", SIMILARITY_COLUMNS, "aggregated similarity table")
+    if sim.empty:
+        raise RetraceError(f"{tables / 'similarity.parquet'}: no rows")
+    sim["step"] = sim["step"].astype("int64")
+    return sim
+
+
+def cells_final(sim: pd.DataFrame, train_log: pd.DataFrame | None) -> pd.DataFrame:
+    """Each cell's row at its last step, with the last logged loss when the train log has one."""
+    last = sim.loc[sim.groupby("cell")["step"].idxmax()]
+    cols = ["cell", *axis_columns(sim), "step", "cos", "one_minus_cos", "l2"]
+    out = last[cols].reset_index(drop=True)
+    if train_log is not None and {"cell", "step", "loss"} <= set(train_log.columns):
+        final_loss = train_log.sort_values("step").groupby("cell")["loss"].last()
+        out["last_loss"] = out["cell"].map(final_loss)
+    return out.sort_values(["model", "cell"]).reset_index(drop=True)
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:90em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}
+th,td{border:1px solid #bbb;padding:.25em .6em;text-align:right}
+th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
+caption{caption-side:bottom;text-align:left;font-size:.85em;color:#555;padding-top:.3em}
+pre{background:#f6f6f6;padding:1em;white-space:pre-wrap;font-size:.85em}
+img{max-width:100%;border:1px solid #ddd}
+.verdict-summary li{margin:.3em 0}
+"""
+
+
+def _index_html(
+    sim: pd.DataFrame, vs, verdict_txt: str, factor_parts: list[tuple[str, str]],
+    final: pd.DataFrame, figures: list[tuple[str, Path]], steps: Sequence[int],
+) -> str:
+    esc = html.escape
+    models = sorted(sim[MODEL].astype(str).unique())
+    summary = []
+    for v in vs:
+        if v.winner is None:
+            summary.append(f"<li><b>{esc(v.model)}</b>: no closest variant ({esc('; '.join(v.notes))})</li>")
+            continue
+        bits = []
+        for pw in v.against:
+            if pw.n_pairs:
+                c = pw.final["one_minus_cos"]
+                bits.append(f"vs {esc(pw.second)}: {c.wins}/{c.wins + c.losses} pairs, p = {c.p_value:.4g}")
+        label = ""
+        if v.documented is not None:
+            label = f" — documented as <b>{esc(v.documented)}</b>: {'agrees' if v.label_agrees else 'DISAGREES'}"
+        summary.append(
+            f"<li><b>{esc(v.model)}</b>: closest data variant <b class=\"winner\">{esc(v.winner)}</b> "
+            f"({'; '.join(bits)}){label}</li>"
+        )
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>retrace report</title>',
+        f"<style>{CSS}</style></head><body>",
+        "<h1>retrace report</h1>",
+        f"<p>{sim['cell'].nunique()} cells, {len(models)} model(s) ({esc(', '.join(models))}), "
+        f"data variants {esc(', '.join(map(show, sorted(sim[DATA].astype(str).unique()))))}; "
+        f"steps {int(sim['step'].min())}–{int(sim['step'].max())}; chosen steps "
+        f"{esc(', '.join(map(str, steps)))}. Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>",
+        '<h2 id="verdict">Verdict</h2>',
+        f'<ul class="verdict-summary">{"".join(summary)}</ul>',
+        f"<details open><summary>verdict.txt (evidence and method)</summary><pre>{esc(verdict_txt)}</pre></details>",
+        '<h2 id="factors">Factor tables</h2>',
+    ]
+    if not factor_parts:
+        parts.append("<p>No axis other than model and data takes more than one value.</p>")
+    for factor, fragment in factor_parts:
+        parts += [f'<h3 id="factor-{esc(factor)}">{esc(factor)}</h3>', fragment]
+    parts.append('<h2 id="figures">Figures</h2>')
+    for title, path in figures:
+        parts.append(f"<figure>{_img(path, title)}<figcaption>{esc(title)}</figcaption></figure>")
+    shown = final.copy()
+    shown["cos"] = shown["one_minus_cos"].map(fmt_cos)
+    shown["one_minus_cos"] = shown["one_minus_cos"].map(fmt_num)
+    shown["l2"] = shown["l2"].map(fmt_num)
+    if "last_loss" in shown:
+        shown["last_loss"] = shown["last_loss"].map(fmt_num)
+    shown = shown.rename(columns={"cos": "θ Cos", "one_minus_cos": "1 − θ Cos", "l2": "L2"})
+    parts += [
+        '<h2 id="cells">Every cell at its final step</h2>',
+        T.to_html(shown.map(show)),
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise RetraceError(f"{out}: exists and is not a directory")
+        # Snakemake creates the parent directories of declared outputs before the job: empty ones are fine
+        holds_files = any(not p.is_dir() for p in out.rglob("*"))
+        if holds_files and not (out / MARKER).exists():
+            raise RetraceError(f"{out}: not empty and not a retrace report (no {MARKER}); refusing to replace it")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    _check_replaceable(out)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def build_report(
+    tables: str | Path,
+    out: str | Path,
+    steps: Sequence[int] | None = None,
+    documented: Mapping[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write the report for the aggregated tables in ``tables`` to ``out`` (see the module doc)."""
+    tables, out = Path(tables), Path(out)
+    _check_replaceable(out)
+    sim = load_similarity(tables)
+    steps = T.check_steps(sim, steps) if steps else T.default_steps(sim)
+    train_log_path = tables / "train_log.parquet"
+    train_log = read_parquet(train_log_path, (), "aggregated train log") if train_log_path.exists() else None
+    vs = verdicts(sim, steps, documented)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
+    try:
+        (tmp / "tables").mkdir()
+        (tmp / "figures").mkdir()
+        text = verdict_text(vs)
+        (tmp / "verdict.txt").write_text(text, encoding="utf-8")
+        write_json(tmp / "verdict.json", {"steps": list(steps), **verdict_json(vs)})
+
+        factor_parts, longs = [], []
+        for factor in T.factors(sim):
+            long = T.factor_table(sim, factor, steps)
+            if long.empty:
+                continue
+            longs.append(long)
+            note = T.averaging_note(long)
+            stem = tmp / "tables" / f"factor_{factor.name}"
+            T.wide_numeric(long, factor).to_csv(stem.with_suffix(".csv"), index=False)
+            display = T.wide_display(long, factor)
+            stem.with_suffix(".md").write_text(
+                f"### {factor.name}\n\n{T.to_markdown(display, 1 + len(factor.columns))}\n{note}\n", encoding="utf-8"
+            )
+            fragment = T.to_html(display, caption=note)
+            stem.with_suffix(".html").write_text(fragment, encoding="utf-8")
+            factor_parts.append((factor.name, fragment))
+        long_all = pd.concat(longs) if longs else pd.DataFrame(columns=T.LONG_COLUMNS)
+        long_all.to_csv(tmp / "tables" / "factors_long.csv", index=False)
+        final = cells_final(sim, train_log)
+        final.to_csv(tmp / "tables" / "cells_final.csv", index=False)
+
+        figures = []
+        for model, sub in sim.groupby(MODEL, sort=True):
+            path = trajectory_figure(sub, tmp / "figures" / figure_name("trajectory", str(model)))
+            figures.append((f"{model}: 1 − θ Cos and L2 over steps per data variant", path))
+            for factor in T.factors(sub):
+                name = figure_name("factor", str(model), factor.name)
+                path = factor_figure(sub, factor, tmp / "figures" / name)
+                figures.append((f"{model}: 1 − θ Cos and L2 over steps by {factor.name}", path))
+        (tmp / "index.html").write_text(
+            _index_html(sim, vs, text, factor_parts, final, figures, steps), encoding="utf-8"
+        )
+        _replace_dir(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+        raise
+    for v in vs:
+        log(f"report: {v.model}: closest variant {v.winner or 'none'}")
+    log(f"report: {out / 'index.html'}")
+    return out
+

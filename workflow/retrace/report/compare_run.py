@@ -1,0 +1,104 @@
+"""One cell's checkpoints against the published checkpoints at the same steps.
+
+For every checkpoint listed in ``<run>/checkpoints/manifest.json`` (written last by ``retrace train``,
+so a run without it is not finished), the reproduction's parameters are compared with the published
+ones of the same step by ``retrace.similarity.compare_params`` (float64, streamed tensor by tensor).
+The published step is read from ``<reference_dir>/step{N}.safetensors`` when a reference directory is
+given (the workflow fetches each (repo, step) once into resources/references/<repo>/ and every cell
+shares it), else opened as ``<reference>@step{N}`` through ``retrace.checkpoints.open_params``.
+
+Outputs: one row per step (``STEP_COLUMNS``) and one row per step and tensor (``step``, ``tensor``, then
+the columns of ``SimilarityResult.tensor_frame()``), each written atomically; the per-tensor table
+first, so that the per-step table (which marks the cell compared) never exists without it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from retrace.errors import RetraceError
+from retrace.io import write_parquet
+from retrace.report.frames import METRICS
+
+#: Columns of ``similarity.parquet``.
+STEP_COLUMNS = ["step", *METRICS]
+
+
+def load_manifest(run: str | Path) -> list[tuple[int, Path]]:
+    """(step, checkpoint path) for every checkpoint of a finished run, in step order."""
+    path = Path(run) / "checkpoints" / "manifest.json"
+    if not path.is_file():
+        raise RetraceError(f"{path}: not found (the run has not finished training)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        entries = [(int(e["step"]), path.parent / str(e["file"])) for e in manifest["files"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise RetraceError(f"{path}: not a checkpoint manifest (expected files: [{{step, file}}]): {exc}") from exc
+    if not entries:
+        raise RetraceError(f"{path}: lists no checkpoint")
+    missing = [str(p) for _, p in entries if not p.is_file()]
+    if missing:
+        raise RetraceError(f"{path}: listed checkpoint(s) missing: {', '.join(missing[:3])}")
+    return sorted(entries)
+
+
+def reference_source(reference: str, reference_dir: str | Path | None, step: int) -> str:
+    """Where the published step lives: the shared fetched file, or ``reference@step{N}``."""
+    if reference_dir is None:
+        return f"{reference}@step{step}"
+    path = Path(reference_dir) / f"step{step}.safetensors"
+    if not path.is_file():
+        raise RetraceError(f"{path}: published step {step} of {reference} not fetched")
+    return str(path)
+
+
+def compare_run(
+    run: str | Path,
+    reference: str,
+    reference_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Compare every checkpoint of ``run`` with the published one; returns (per-step, per-tensor) frames."""
+    from retrace.checkpoints import open_params
+    from retrace.similarity import compare_params
+
+    entries = load_manifest(run)
+    sources = [(step, ckpt, reference_source(reference, reference_dir, step)) for step, ckpt in entries]
+    rows, tensor_frames = [], []
+    for i, (step, ckpt, ref) in enumerate(sources, 1):
+        t0 = time.perf_counter()
+        with open_params(str(ckpt)) as a, open_params(ref) as b:
+            result = compare_params(a, b)
+        rows.append({"step": step, **{m: getattr(result, m) for m in METRICS}})
+        tf = result.tensor_frame().rename(columns={"name": "tensor"})
+        tf.insert(0, "step", step)
+        tensor_frames.append(tf)
+        log(
+            f"compare-run: step {step} ({i}/{len(sources)}): 1-cos {result.one_minus_cos:.6e} "
+            f"L2 {result.l2:.6g} over {result.n_params:,} parameters [{time.perf_counter() - t0:.1f}s]"
+        )
+    steps = pd.DataFrame(rows, columns=STEP_COLUMNS)
+    steps["step"] = steps["step"].astype("int64")
+    steps["n_params"] = steps["n_params"].astype("int64")
+    tensors = pd.concat(tensor_frames, ignore_index=True)
+    tensors.attrs = {}
+    return steps, tensors
+
+
+def write_compare_run(
+    run: str | Path,
+    reference: str,
+    out: str | Path,
+    tensors_out: str | Path,
+    reference_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    steps, tensors = compare_run(run, reference, reference_dir, log)
+    write_parquet(tensors_out, tensors)
+    write_parquet(out, steps)
+    log(f"compare-run: {out} ({len(steps)} steps), {tensors_out} ({len(tensors)} tensor rows)")
