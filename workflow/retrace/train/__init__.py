@@ -24,7 +24,18 @@ LR counter at the start step; from a GPT-NeoX checkpoint with ZeRO files, both c
 """
 
 from retrace.train.recipe import PYTHIA_RECIPES, Recipe, lr_at, pythia_save_steps, recipe_for
-from retrace.train.trainer import TrainConfig, TrainingInterrupted, TrainResult, train
+
+_TRAINER_NAMES = frozenset({"TrainConfig", "TrainingInterrupted", "TrainResult", "train"})
+
+
+def __getattr__(name: str):
+    """The trainer's names, imported on first use: it needs torch, the recipe (read by the workflow's
+    DAG for every job) does not."""
+    if name in _TRAINER_NAMES:
+        from retrace.train import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "PYTHIA_RECIPES",

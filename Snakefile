@@ -1,0 +1,41 @@
+# retrace: reproduce published pretraining runs over a grid of conditions and measure the distance to
+# the published checkpoints. The grid logic lives in workflow/retrace/grid.py; this file only wires it.
+#
+#   snakemake --cores 2                                   the embedded study (config.yaml), on this machine
+#   snakemake --profile profiles/slurm --configfile studies/pythia-70m-control.yaml
+#   retrace cells                                         each cell and its state (done/failed/running/pending)
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# The embedded default study, unless a study is given with --configfile (then that study alone: the
+# directive would otherwise merge config.yaml's models and axes into it).
+if not workflow.overwrite_configfiles:
+
+    configfile: f"{workflow.basedir}/config.yaml"
+
+
+
+report: "workflow/report/workflow.rst"
+
+
+# common.smk loads the study with retrace.grid.load_study: the schema below plus the checks a schema
+# cannot express (global batch, env files, start steps), each failing with one message naming the key.
+include: "workflow/rules/common.smk"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/references.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/compare.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

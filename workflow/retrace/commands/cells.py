@@ -1,0 +1,73 @@
+"""``retrace cells``: list a study's cells and the state of each, read from disk."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cells",
+        help="list the study's cells and their state (done / failed / running / pending)",
+        description=(
+            "Validate the study config, expand it into cells and print one line per cell: its state read "
+            "from the files under the working directory, its id and a detail. done = checkpoints/manifest.json "
+            "and similarity.parquet exist; failed = its train or compare log ends with the workflow's failure "
+            "line, or a job of it was interrupted (a Snakemake incomplete marker, no Snakemake running, nothing "
+            "changed for --recent seconds); running = an incomplete marker while Snakemake holds its lock or "
+            "the cell's files changed within --recent seconds; pending = the rest (not started, partly "
+            "trained, or trained and not yet compared). See retrace.study."
+        ),
+    )
+    p.add_argument("--configfile", default="config.yaml", help="the study config (default: config.yaml)")
+    p.add_argument("--directory", "-d", default=".", help="the directory the workflow runs in (default: .)")
+    p.add_argument("--recent", type=float, default=None, metavar="SECONDS",
+                   help="an incomplete cell whose files changed this recently counts as running, not "
+                        "interrupted (default: 600)")
+    p.add_argument("--state", choices=("done", "failed", "running", "pending"), action="append",
+                   help="only list cells in this state (repeatable)")
+    p.add_argument("--axes", action="store_true", help="also print every axis value")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    from retrace.grid import load_study
+    from retrace.study import RECENT_SECONDS, cell_state
+
+    workdir = Path(args.directory)
+    config = Path(args.configfile)
+    if not config.is_absolute() and not config.exists() and (workdir / config).exists():
+        config = workdir / config
+    study = load_study(config, root=_workflow_root(config, workdir))
+    recent = RECENT_SECONDS if args.recent is None else args.recent
+    counts: Counter[str] = Counter()
+    for cell in study.cells():
+        st = cell_state(cell.id, workdir, recent=recent)
+        counts[st.state] += 1
+        if args.state and st.state not in args.state:
+            continue
+        line = f"{st.state:<8} {cell.id}"
+        if args.axes:
+            line += "  " + " ".join(f"{k}={v}" for k, v in cell.row().items() if k != "cell")
+        print(f"{line}  ({st.detail})")
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "running", "pending"))
+    print(f"# study {study.name}: {len(study.cells())} cells: {summary}")
+    return 0
+
+
+def _workflow_root(config, workdir):
+    """The directory holding envs/: the working directory's, the config's (or its parent's, for
+    studies/*.yaml), else the checkout this package runs from (where the Snakefile is)."""
+    from pathlib import Path
+
+    import retrace
+
+    config = Path(config).resolve()
+    checkout = Path(retrace.__file__).resolve().parents[2]
+    for candidate in (Path(workdir), config.parent, config.parent.parent, checkout):
+        if (candidate / "envs").is_dir():
+            return candidate
+    return Path(workdir)

@@ -1,0 +1,670 @@
+"""A study config expanded into cells: validation, designs, stable cell ids and the cells table.
+
+``load_study(path_or_dict)`` validates a study with the JSON schema Snakemake's ``validate()`` uses
+(workflow/schemas/config.schema.yaml) and then with the checks a schema cannot express, each raising a
+``RetraceError`` whose message names the config key:
+
+* an axis value that names no ``models``/``data`` entry, a baseline value that is not on its axis;
+* a parallel layout whose gpus·pdbs·gas differs from the model's global batch;
+* a ``deps`` value without an environment file ``envs/<deps>.yaml``;
+* a start step at or beyond the steps a cell trains to, or one a local reference does not have
+  (a Hugging Face repo is checked when its checkpoints are fetched);
+* two cells with the same id.
+
+Cell ids
+--------
+A cell id is the axis tokens joined by ``__``, always all axes, always in this order::
+
+    <model>__<data>__g<gpus>p<pdbs>a<gas>__<gpu_type>__<attention>__<deps>__s<seed>__to<steps>__<precision>__<engine>
+
+    e.g. pythia-70m-deduped__deduped-raw__g2p4a1__a100__flash__torch2.4__s1234__to143000__fp16__builtin
+
+* ``<model>`` is the key under ``models``, followed by ``-from<N>`` when training resumes from a
+  published step N > 0; ``<data>`` is the key under ``data``; the others are the axis values.
+* Every token matches ``[A-Za-z0-9]+([-._+][A-Za-z0-9]+)*``, so ``__`` only ever separates tokens and an
+  id splits back into its axes; ids are valid file names and need no quoting.
+* An id depends on nothing but the cell's own axis values (never on which other values an axis has, or
+  on which axes vary), so adding a value to an axis adds cells and never renames existing ones, and
+  results under ``results/runs/<cell id>/`` stay valid. Should a new axis ever be added to this grammar,
+  it must be appended with a default value whose token is omitted, to keep that promise.
+
+Designs
+-------
+``factorial``: every combination of the axis values. ``one_at_a_time``: a baseline cell (``baseline``,
+default the first value of each axis) plus, for each axis, one cell per other value with every other
+axis at its baseline; the axes listed in ``cross`` are crossed in full and the design is repeated
+within each of their combinations (e.g. ``cross: [model, data]`` gives every model on every variant).
+
+This module is pure Python (no torch, no Snakemake); the Snakefile and ``retrace cells`` call it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from retrace.errors import RetraceError
+
+#: The axes, in cell-id order.
+AXES = ("model", "data", "parallel", "gpu_type", "attention", "deps", "seed", "steps", "precision", "engine")
+#: Columns of the cells table: the id, then every axis (``parallel`` as gpus, pdbs, gas).
+CELL_COLUMNS = ("cell", "model", "data", "gpus", "pdbs", "gas", "gpu_type", "attention", "deps", "seed",
+                "steps", "precision", "engine")
+
+TOKEN = r"[A-Za-z0-9]+(?:[-._+][A-Za-z0-9]+)*"
+TOKEN_RE = re.compile(rf"^{TOKEN}$")
+#: A cell id, for Snakemake's wildcard_constraints (one token per axis).
+CELL_ID_PATTERN = rf"{TOKEN}(?:__{TOKEN}){{{len(AXES) - 1}}}"
+CELL_ID_RE = re.compile(rf"^{CELL_ID_PATTERN}$")
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+DEFAULT_GLOBAL_BATCH = 1024
+
+
+# --------------------------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Build:
+    """How the workflow makes a local "published" run itself (``models.<name>.build``)."""
+
+    shape: tuple[tuple[str, int], ...]  # (n_layers, hidden, heads, vocab, seq_len) as (key, value) pairs
+    init_seed: int
+    data: DataVariant
+    parallel: Layout
+    steps: int
+    seed: int
+    precision: str
+    attention: str
+
+    @property
+    def init_key(self) -> str:
+        """Its step 0's directory name, shared by every build of the same shape and seed."""
+        s = dict(self.shape)
+        return f"L{s['n_layers']}h{s['hidden']}a{s['heads']}v{s['vocab']}t{s['seq_len']}-seed{self.init_seed}"
+
+    def saved_steps(self) -> list[int]:
+        return checkpoint_steps(0, self.steps)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A published run to reproduce: where its checkpoints are and how it was trained."""
+
+    name: str
+    reference: str
+    start_step: int = 0
+    recipe: str | None = None
+    global_batch: int = DEFAULT_GLOBAL_BATCH
+    seq_length: int | None = None
+    lr: float | None = None
+    min_lr: float | None = None
+    train_iters: int | None = None
+    warmup_iters: int | None = None
+    documented: str | None = None
+    hub_cache: str | None = None
+    build: Build | None = None
+
+    @property
+    def token(self) -> str:
+        return self.name if self.start_step == 0 else f"{self.name}-from{self.start_step}"
+
+    @property
+    def is_local(self) -> bool:
+        """A local reference lives in a hub cache on this machine (offline); else it is fetched from the Hub."""
+        return self.hub_cache is not None
+
+    @property
+    def reference_key(self) -> str:
+        """Its directory under resources/references/ (the repo id)."""
+        return self.reference
+
+    def recipe_values(self):
+        """The training recipe with this model's overrides (retrace.train.recipe.Recipe)."""
+        from retrace.train.recipe import recipe_for
+
+        return recipe_for(self.recipe, global_batch=self.global_batch, seq_length=self.seq_length,
+                          train_iters=self.train_iters)
+
+    def order_key(self) -> tuple[int, int]:
+        """(num_samples, seq_length) the data order is built for: GPT-NeoX's sample count of the original
+        schedule, ceil(train_iters · global_batch · 1.005); the order depends on it."""
+        from retrace.data.order import neox_num_samples
+
+        r = self.recipe_values()
+        return neox_num_samples(r.train_iters, r.global_batch), r.seq_length
+
+
+@dataclass(frozen=True)
+class DataVariant:
+    name: str
+    source: str
+    corpus: str
+    format: str
+    shuffle_samples: bool = False
+    order_seed: int = 1234
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int
+    pdbs: int
+    gas: int
+
+    @property
+    def token(self) -> str:
+        return f"g{self.gpus}p{self.pdbs}a{self.gas}"
+
+    @property
+    def global_batch(self) -> int:
+        return self.gpus * self.pdbs * self.gas
+
+    def as_dict(self) -> dict[str, int]:
+        return {"gpus": self.gpus, "pdbs": self.pdbs, "gas": self.gas}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid and its comparison against the published checkpoints."""
+
+    model: Model
+    data: DataVariant
+    parallel: Layout
+    gpu_type: str
+    attention: str
+    deps: str
+    seed: int
+    steps: int
+    precision: str
+    engine: str
+    id: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", "__".join(self.tokens()))
+
+    def tokens(self) -> list[str]:
+        return [self.model.token, self.data.name, self.parallel.token, self.gpu_type, self.attention,
+                self.deps, f"s{self.seed}", f"to{self.steps}", self.precision, self.engine]
+
+    @property
+    def axes(self) -> dict[str, Any]:
+        """Axis name → plain value (model and data by name, parallel as a dict)."""
+        return {"model": self.model.name, "data": self.data.name, "parallel": self.parallel.as_dict(),
+                "gpu_type": self.gpu_type, "attention": self.attention, "deps": self.deps,
+                "seed": self.seed, "steps": self.steps, "precision": self.precision, "engine": self.engine}
+
+    def row(self) -> dict[str, Any]:
+        """The cell's row of the cells table (``CELL_COLUMNS``)."""
+        return {"cell": self.id, "model": self.model.name, "data": self.data.name, **self.parallel.as_dict(),
+                "gpu_type": self.gpu_type, "attention": self.attention, "deps": self.deps, "seed": self.seed,
+                "steps": self.steps, "precision": self.precision, "engine": self.engine}
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps this cell saves (and compares): the start, the Pythia schedule, the last step."""
+        return checkpoint_steps(self.model.start_step, self.steps)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpu_type != "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- study
+
+
+@dataclass
+class Study:
+    name: str
+    design: str
+    models: dict[str, Model]
+    data: dict[str, DataVariant]
+    axes: dict[str, list]
+    baseline: dict[str, Any]
+    cross: list[str]
+    synthetic: dict[str, Any]
+    cluster: dict[str, Any]
+    description: str = ""
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def _cells(self) -> list[Cell]:
+        return _expand(self)
+
+    def cells(self) -> list[Cell]:
+        """Every cell of the design, in a stable order (axis values in config order)."""
+        return list(self._cells)
+
+    @functools.cached_property
+    def _by_id(self) -> dict[str, Cell]:
+        return {c.id: c for c in self._cells}
+
+    def cell(self, cell_id: str) -> Cell:
+        try:
+            return self._by_id[cell_id]
+        except KeyError:
+            raise RetraceError(f"no cell {cell_id!r} in study {self.name!r}") from None
+
+    def cell_ids(self) -> list[str]:
+        return [c.id for c in self._cells]
+
+    def cells_frame(self):
+        """The cells table: one row per cell, every axis a column (``CELL_COLUMNS``)."""
+        import pandas as pd
+
+        return pd.DataFrame([c.row() for c in self._cells], columns=list(CELL_COLUMNS))
+
+    def placement(self, cell: Cell) -> Placement:
+        """The resources of a cell's train job (see ``Placement``), from its axes and ``cluster``."""
+        per_node, tpr = self.cluster["gpus_per_node"], self.cluster["threads_per_rank"]
+        gpus = cell.parallel.gpus
+        ranks = min(gpus, per_node) if cell.on_gpu else gpus
+        nodes = -(-gpus // per_node) if cell.on_gpu else 1
+        if not cell.on_gpu:
+            return Placement(nodes=1, ranks_per_node=ranks, threads=ranks * tpr)
+        model = self.cluster["gpu_models"].get(cell.gpu_type, cell.gpu_type) or None  # "": untyped GPUs
+        constraint = self.cluster["gpu_constraints"].get(cell.gpu_type)
+        if nodes == 1:
+            return Placement(nodes=1, ranks_per_node=ranks, threads=ranks * tpr, gpu=gpus, gpu_model=model,
+                             constraint=constraint)
+        return Placement(nodes=nodes, ranks_per_node=ranks, threads=ranks * tpr, constraint=constraint,
+                         tasks_per_node=ranks, mpi="srun", cpus_per_task=tpr,
+                         slurm_extra=f"--gpus-per-node={model + ':' if model else ''}{ranks}")
+
+    def train_args(self, cell: Cell) -> list[str]:
+        """The `retrace train` arguments of a cell, but --out and --threads."""
+        m = cell.model
+        return self._train_args(m, cell.data, cell.parallel, cell.attention, cell.precision, cell.engine,
+                                cell.steps, cell.seed, m.reference, m.start_step)
+
+    def build_train_args(self, model: Model) -> list[str]:
+        """The `retrace train` arguments of a built reference (models.<name>.build), but --out and --threads."""
+        from retrace.study import build_init_dir
+
+        b = model.build
+        return self._train_args(model, b.data, b.parallel, b.attention, b.precision, "builtin", b.steps, b.seed,
+                                build_init_dir(b.init_key), 0)
+
+    def _train_args(self, m, data, lay, attention, precision, engine, steps, seed, reference, start_step):
+        from retrace.study import data_prefix
+
+        args = ["--reference", reference, "--start-step", start_step,
+                "--data", data_prefix(data, self.synthetic["seed"]), "--data-kind", data.format,
+                "--order-seed", data.order_seed, "--gpus", lay.gpus, "--pdbs", lay.pdbs, "--gas", lay.gas,
+                "--global-batch", m.global_batch, "--attention", attention, "--precision", precision,
+                "--engine", engine, "--steps", steps, "--seed", seed]
+        if data.shuffle_samples:
+            args.append("--shuffle-samples")
+        for flag, value in (("--recipe", m.recipe), ("--seq-length", m.seq_length), ("--lr", m.lr),
+                            ("--min-lr", m.min_lr), ("--train-iters", m.train_iters),
+                            ("--warmup-iters", m.warmup_iters)):
+            if value is not None:
+                args += [flag, value]
+        return [str(a) for a in args]
+
+    def synthetic_seq_length(self) -> int:
+        """Item length − 1 of the synthetic preshuffled streams (``synthetic.seq_length`` or synth's default)."""
+        from retrace.data.synthetic import SynthConfig
+
+        return int(self.synthetic.get("seq_length", SynthConfig().seq_length))
+
+    @functools.cached_property
+    def _used_models(self) -> list[Model]:
+        return list(dict.fromkeys(c.model for c in self._cells))
+
+    def used_models(self) -> list[Model]:
+        """The models some cell trains, in axis order."""
+        return list(self._used_models)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how one training run executes: what the train rule asks the scheduler for.
+
+    Single node (CPU cells, or GPU cells with at most ``cluster.gpus_per_node`` GPUs): one task;
+    ``retrace train`` starts its ranks itself; GPU cells ask ``gpu`` GPUs of ``gpu_model``.
+    Several nodes: ``nodes`` × ``tasks_per_node`` srun tasks, one rank per GPU (``mpi = "srun"``),
+    GPUs asked per node through ``slurm_extra``. None = not asked for (Snakemake drops the resource).
+    """
+
+    nodes: int
+    ranks_per_node: int
+    threads: int  # CPU threads on the (first) node: ranks there × threads per rank
+    gpu: int | None = None
+    gpu_model: str | None = None
+    constraint: str | None = None
+    tasks_per_node: int | None = None
+    mpi: str | None = None
+    cpus_per_task: int | None = None  # None: the job's threads
+    slurm_extra: str | None = None
+
+    @property
+    def launcher(self) -> str:
+        """What starts the ranks: nothing on one node, srun across nodes."""
+        if self.mpi is None:
+            return ""
+        return f"srun --nodes={self.nodes} --ntasks-per-node={self.tasks_per_node} --kill-on-bad-exit=1"
+
+
+def cells_frame(study: Study | str | Path | Mapping):
+    """The cells table of a study (or of a study config path/dict)."""
+    if not isinstance(study, Study):
+        study = load_study(study)
+    return study.cells_frame()
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def load_study(source: str | Path | Mapping[str, Any], *, root: str | Path | None = None) -> Study:
+    """Validate a study config (a YAML path or an already-loaded dict) and build the ``Study``.
+
+    ``root`` is the workflow directory holding ``envs/`` (default: the current directory). Relative
+    local reference paths are taken from the current directory, as Snakemake runs there.
+    """
+    if isinstance(source, Mapping):
+        config, where = dict(source), "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RetraceError(f"{path}: study config not found")
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise RetraceError(f"{path}: not valid YAML: {exc}") from exc
+        where = str(path)
+        if not isinstance(config, Mapping):
+            raise RetraceError(f"{path}: a study config must be a mapping, got {type(config).__name__}")
+        config = dict(config)
+    root = Path(root) if root is not None else Path.cwd()
+    _check_schema(config, where)
+    return _build(config, where, root)
+
+
+@functools.lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _key(path: Iterable[Any]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _check_schema(config: Mapping[str, Any], where: str) -> None:
+    import jsonschema
+
+    schema = load_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if not errors:
+        return
+    err = errors[0]
+    path = list(err.absolute_path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        keys = ", ".join(_key([*path, k]) for k in extra)
+        hint = f" (known keys: {', '.join(allowed)})" if allowed else ""
+        raise RetraceError(f"{where}: unknown key {keys}{hint}")
+    if err.validator == "required":
+        missing = [k for k in err.validator_value if k not in err.instance]
+        raise RetraceError(f"{where}: missing key {', '.join(_key([*path, k]) for k in missing)}")
+    if err.validator == "propertyNames":
+        raise RetraceError(f"{where}: config key {_key(path)}: name {err.instance!r} is not a valid token "
+                           f"(letters and digits, with single - . _ + between them)")
+    if err.validator == "pattern" and err.validator_value == load_schema()["$defs"]["token"]["pattern"]:
+        raise RetraceError(f"{where}: config key {_key(path)}: {err.instance!r} is not a valid token "
+                           f"(letters and digits, with single - . _ + between them)")
+    # allOf/$ref wrap the real failure; report the deepest cause
+    while err.context:
+        err = sorted(err.context, key=lambda e: -len(e.absolute_path))[0]
+        path = list(err.absolute_path)
+    raise RetraceError(f"{where}: config key {_key(path)}: {err.message}")
+
+
+def _build(config: dict[str, Any], where: str, root: Path) -> Study:
+    def fail(key: str, msg: str) -> RetraceError:
+        return RetraceError(f"{where}: config key {key}: {msg}")
+
+    data = {}
+    for name, spec in config["data"].items():
+        data[name] = DataVariant(name=name, source=spec["source"], corpus=spec["corpus"], format=spec["format"],
+                                 shuffle_samples=bool(spec.get("shuffle_samples", False)),
+                                 order_seed=int(spec.get("order_seed", 1234)), path=spec.get("path"))
+        if data[name].path is not None and data[name].source != "pile":
+            raise fail(f"data.{name}.path", "only for source pile (synthetic data is made by `retrace synth`)")
+        if data[name].source == "pile" and data[name].path is None:
+            from retrace.data.variants import variant_source
+
+            if variant_source(data[name].corpus, data[name].format).repo_id is None:
+                raise fail(f"data.{name}.path", f"the {data[name].corpus} {data[name].format} Pile is not published "
+                                                "anywhere to download; set path to a copy on disk")
+        if data[name].shuffle_samples and data[name].format == "raw":
+            raise fail(f"data.{name}.shuffle_samples", "applies to preshuffled data only (raw data is shuffled "
+                                                       "by GPT-NeoX's index maps)")
+    models = {name: _model(name, spec, data, fail) for name, spec in config["models"].items()}
+    for name, m in models.items():
+        if m.documented is not None and m.documented not in data:
+            raise fail(f"models.{name}.documented", f"{m.documented!r} is not a data variant "
+                                                    f"(defined under data: {', '.join(data)})")
+
+    schema_axes = load_schema()["properties"]["axes"]["properties"]
+    raw_axes = config["axes"]
+    axes: dict[str, list] = {}
+    for axis in AXES:
+        values = raw_axes.get(axis, schema_axes[axis].get("default"))
+        axes[axis] = list(values)
+    for i, name in enumerate(axes["model"]):
+        if name not in models:
+            raise fail(f"axes.model[{i}]", f"unknown model {name!r} (defined under models: {', '.join(models)})")
+    for i, name in enumerate(axes["data"]):
+        if name not in data:
+            raise fail(f"axes.data[{i}]", f"unknown data variant {name!r} (defined under data: {', '.join(data)})")
+    axes["model"] = [models[n] for n in axes["model"]]
+    axes["data"] = [data[n] for n in axes["data"]]
+    axes["parallel"] = [Layout(**p) for p in axes["parallel"]]
+    seen: dict[str, int] = {}
+    for i, lay in enumerate(axes["parallel"]):
+        if lay.token in seen:
+            raise fail(f"axes.parallel[{i}]", f"layout {lay.as_dict()} repeats axes.parallel[{seen[lay.token]}]")
+        seen[lay.token] = i
+    tokens = {m.token: m.name for m in axes["model"]}
+    if len(tokens) != len(axes["model"]):
+        raise fail("axes.model", "two models give the same cell-id token")
+
+    design = config.get("design", "factorial")
+    cross = list(config.get("cross", []))
+    baseline_cfg = dict(config.get("baseline", {}))
+    if design == "factorial":
+        for key in ("baseline", "cross"):
+            if config.get(key):
+                raise fail(key, "only used by design one_at_a_time (design is factorial)")
+    baseline: dict[str, Any] = {}
+    for axis in AXES:
+        if axis not in baseline_cfg:
+            baseline[axis] = axes[axis][0]
+            continue
+        value = baseline_cfg[axis]
+        lookup = {"model": models, "data": data}.get(axis)
+        value = lookup.get(value, value) if lookup else (Layout(**value) if axis == "parallel" else value)
+        if value not in axes[axis]:
+            shown = value.name if hasattr(value, "name") else (value.as_dict() if axis == "parallel" else value)
+            raise fail(f"baseline.{axis}", f"{shown!r} is not one of the values of axes.{axis}")
+        baseline[axis] = value
+
+    cluster = dict(config.get("cluster", {}))
+    cluster.setdefault("gpus_per_node", 8)
+    cluster.setdefault("gpu_models", {})
+    cluster.setdefault("gpu_constraints", {})
+    cluster.setdefault("threads_per_rank", 1)
+    study = Study(name=config["study"], design=design, models=models, data=data, axes=axes, baseline=baseline,
+                  cross=cross, synthetic={"seed": 1234, **config.get("synthetic", {})}, cluster=cluster,
+                  description=config.get("description", ""), config=config)
+    _check_cells(study, fail, root)
+    return study
+
+
+def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fail) -> Model:
+    from retrace.train.recipe import RECIPE_SIZES, normalize_size, recipe_for
+
+    recipe = spec.get("recipe")
+    try:
+        size = normalize_size(recipe if recipe is not None else spec["reference"])
+    except RetraceError:
+        size = None
+    if size not in RECIPE_SIZES:
+        if recipe is not None:
+            raise fail(f"models.{name}.recipe", f"unknown Pythia size {recipe!r} (known: {', '.join(RECIPE_SIZES)})")
+        if "global_batch" not in spec:
+            raise fail(f"models.{name}", f"cannot tell the Pythia size from reference {spec['reference']!r}: "
+                                         f"set models.{name}.recipe (or global_batch)")
+        size = None
+    global_batch = spec.get("global_batch") or (recipe_for(size).global_batch if size else DEFAULT_GLOBAL_BATCH)
+    build = None
+    if "build" in spec:
+        b = spec["build"]
+        if "hub_cache" not in spec:
+            raise fail(f"models.{name}.hub_cache", "required with build (where the built run is published)")
+        if b["data"] not in data:
+            raise fail(f"models.{name}.build.data", f"{b['data']!r} is not a data variant "
+                                                    f"(defined under data: {', '.join(data)})")
+        layout = Layout(**b["parallel"])
+        if layout.global_batch != global_batch:
+            raise fail(f"models.{name}.build.parallel",
+                       f"gpus·pdbs·gas = {layout.gpus}·{layout.pdbs}·{layout.gas} = {layout.global_batch} breaks "
+                       f"the global batch {global_batch} of model {name!r}")
+        seq_length = spec.get("seq_length")
+        if seq_length is not None and seq_length > b["shape"]["seq_len"]:
+            raise fail(f"models.{name}.seq_length", f"{seq_length} exceeds build.shape.seq_len {b['shape']['seq_len']}")
+        build = Build(shape=tuple((k, int(b["shape"][k])) for k in ("n_layers", "hidden", "heads", "vocab", "seq_len")),
+                      init_seed=int(b.get("init_seed", 1234)), data=data[b["data"]], parallel=layout,
+                      steps=int(b["steps"]), seed=int(b.get("seed", 1234)), precision=b.get("precision", "fp16"),
+                      attention=b.get("attention", "flash"))
+    return Model(name=name, reference=spec["reference"], start_step=int(spec.get("start_step", 0)), recipe=size,
+                 global_batch=int(global_batch), seq_length=spec.get("seq_length"), lr=spec.get("lr"),
+                 min_lr=spec.get("min_lr"), train_iters=spec.get("train_iters"),
+                 warmup_iters=spec.get("warmup_iters"), documented=spec.get("documented"),
+                 hub_cache=spec.get("hub_cache"), build=build)
+
+
+def _check_cells(study: Study, fail, root: Path) -> None:
+    axes = study.axes
+    for i, deps in enumerate(axes["deps"]):
+        env = root / "envs" / f"{deps}.yaml"
+        if not env.is_file():
+            raise fail(f"axes.deps[{i}]", f"no environment file envs/{deps}.yaml for deps {deps!r} (looked in {root / 'envs'})")
+    steps_index = {s: i for i, s in enumerate(axes["steps"])}
+    available: dict[str, set[int]] = {}
+    keys: dict[str, Model] = {}
+    for m in axes["model"]:
+        other = keys.setdefault(m.reference_key, m)
+        if other.hub_cache != m.hub_cache:
+            raise fail(f"models.{m.name}.hub_cache", f"reference {m.reference} is also used by model "
+                                                     f"{other.name!r} from another hub cache")
+    seen: dict[str, Cell] = {}
+    for cell in study.cells():
+        m, lay = cell.model, cell.parallel
+        if lay.global_batch != m.global_batch:
+            i = axes["parallel"].index(lay)
+            raise fail(f"axes.parallel[{i}]", f"gpus·pdbs·gas = {lay.gpus}·{lay.pdbs}·{lay.gas} = {lay.global_batch} "
+                                               f"breaks the global batch {m.global_batch} of model {m.name!r}")
+        if cell.steps <= m.start_step:
+            raise fail(f"axes.steps[{steps_index[cell.steps]}]",
+                       f"steps {cell.steps} is not beyond models.{m.name}.start_step {m.start_step}")
+        if cell.data.source == "synthetic" and cell.data.format == "preshuffled":
+            want = study.synthetic_seq_length()
+            have = m.seq_length if m.seq_length is not None else _recipe_seq_length(m)
+            if have != want:
+                raise fail(f"models.{m.name}.seq_length",
+                           f"{have} differs from the item length of the synthetic preshuffled stream "
+                           f"{cell.data.name!r} (synthetic.seq_length = {want})")
+        if cell.id in seen:
+            raise fail("axes", f"two cells share the id {cell.id!r}")
+        seen[cell.id] = cell
+        if m.is_local:
+            if m.name not in available:
+                built = m.build is not None
+                available[m.name] = (set(m.build.saved_steps()) if built
+                                     else local_reference_steps(m.hub_cache, m.reference))
+                if m.start_step not in available[m.name]:
+                    what = f"the run models.{m.name}.build makes" if built else f"hub cache {m.hub_cache}"
+                    raise fail(f"models.{m.name}.start_step",
+                               f"local reference {m.reference} in {what} has no branch "
+                               f"step{m.start_step} (it has: {_show_steps(available[m.name])})")
+            missing = [s for s in cell.checkpoint_steps() if s not in available[m.name]]
+            if missing:
+                raise fail(f"axes.steps[{steps_index[cell.steps]}]",
+                           f"cells training model {m.name!r} to step {cell.steps} compare against step "
+                           f"{missing[0]}, which local reference {m.reference} in {m.hub_cache} lacks "
+                           f"(it has: {_show_steps(available[m.name])})")
+
+
+def _recipe_seq_length(m: Model) -> int:
+    from retrace.train.recipe import recipe_for
+
+    return recipe_for(m.recipe).seq_length if m.recipe else 2048
+
+
+def _show_steps(steps: set[int]) -> str:
+    ordered = sorted(steps)
+    if not ordered:
+        return "no step branches"
+    return ", ".join(map(str, ordered[:8])) + (f" … {ordered[-1]} ({len(ordered)} steps)" if len(ordered) > 8 else "")
+
+
+# ------------------------------------------------------------------------------------------- designs
+
+
+def _expand(study: Study) -> list[Cell]:
+    axes = study.axes
+    if study.design == "factorial":
+        combos: Iterable[tuple] = itertools.product(*(axes[a] for a in AXES))
+        cells = [Cell(*combo) for combo in combos]
+    else:
+        cells = []
+        crossed = [a for a in AXES if a in study.cross]
+        for values in itertools.product(*(axes[a] for a in crossed)):
+            base = {**study.baseline, **dict(zip(crossed, values, strict=True))}
+            cells.append(Cell(**base))
+            for axis in AXES:
+                if axis in crossed:
+                    continue
+                for value in axes[axis]:
+                    if value != study.baseline[axis]:
+                        cells.append(Cell(**{**base, axis: value}))
+    return list({c.id: c for c in cells}.values())
+
+
+# -------------------------------------------------------------------------------------- references
+
+
+def local_reference_steps(hub_cache: str | Path, repo_id: str) -> set[int]:
+    """Published steps (branches ``step<N>``) of ``repo_id`` in a local Hugging Face hub cache."""
+    from huggingface_hub.file_download import repo_folder_name  # light; retrace.checkpoints imports torch
+
+    refs = Path(hub_cache).expanduser() / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs"
+    if not refs.is_dir():
+        return set()
+    return {int(p.name[4:]) for p in refs.iterdir() if re.fullmatch(r"step\d+", p.name) and p.is_file()}
+
+
+def checkpoint_steps(start: int, end: int) -> list[int]:
+    """Checkpoints of a run from ``start`` to ``end``: the start, the Pythia schedule, the end."""
+    return list(_save_steps(start, end))
+
+
+@functools.lru_cache(maxsize=4096)
+def _save_steps(start: int, end: int) -> tuple[int, ...]:
+    from retrace.train.recipe import pythia_save_steps
+
+    return tuple(pythia_save_steps(start, end))
