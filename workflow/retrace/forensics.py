@@ -47,6 +47,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from retrace.io import json_safe
 from retrace.similarity import ParamSource, SimilarityResult, TensorSimilarity, compare_params
 
 IDENTICAL = "identical"
@@ -167,7 +168,7 @@ class ForensicsReport:
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(
+        return json_safe(
             {
                 "source_a": self.source_a,
                 "source_b": self.source_b,
@@ -211,17 +212,6 @@ class ForensicsReport:
             f"{self.z:g}: not independent draws"
         )
         return "\n".join(lines) + "\n"
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf → None, recursively (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _fmt(x: float, spec: str) -> str:

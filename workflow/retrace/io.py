@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -46,6 +47,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         raise ValueError(f"atomic_open is for writing, got mode {mode!r}")
     with atomic_path(path) as tmp, open(tmp, mode.replace("x", "w"), **kwargs) as fh:
         yield fh
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf → None, recursively: JSON has no NaN, and an undefined cos must stay visible as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -67,6 +67,7 @@ import torch
 
 from retrace.checkpoints.base import DictReader, ParamReader
 from retrace.errors import RetraceError
+from retrace.io import json_safe
 
 #: Elements per float64 chunk: three 2 MiB buffers that stay in the CPU cache.
 CHUNK = 1 << 18
@@ -168,7 +169,7 @@ class SimilarityResult:
             "only_in_b": list(self.only_in_b),
             "shape_mismatch": {k: [list(sa), list(sb)] for k, (sa, sb) in self.shape_mismatch.items()},
         }
-        return _json_safe(out)
+        return json_safe(out)
 
     def tensor_frame(self):
         """Per-tensor rows as a pandas DataFrame; ``.attrs`` holds the totals (``summary()``)."""
@@ -211,16 +212,6 @@ def _row(t: TensorSimilarity) -> dict[str, Any]:
     row = asdict(t)
     row["shape"] = list(t.shape)
     return row
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------

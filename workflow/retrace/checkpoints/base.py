@@ -71,6 +71,24 @@ class ParamReader(abc.ABC):
         return f"{type(self).__name__}({self.source!r})"
 
 
+class IndexedReader(ParamReader):
+    """A reader that indexed every tensor's shape and dtype on open (from file headers), so
+    ``shape``/``dtype`` answer without loading; subclasses fill ``_shapes`` and ``_dtypes``."""
+
+    _shapes: dict[str, tuple[int, ...]]
+    _dtypes: dict[str, torch.dtype]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._shapes:
+            raise KeyError(f"{self.source}: no parameter {name}")
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name not in self._dtypes:
+            raise KeyError(f"{self.source}: no parameter {name}")
+        return self._dtypes[name]
+
+
 class DictReader(ParamReader):
     """Parameters already in memory (a model's state_dict, a merged NeoX checkpoint)."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from retrace.checkpoints.base import ParamReader
+from retrace.checkpoints.base import IndexedReader, ParamReader
 from retrace.checkpoints.names import canonical_hf_name, canonical_order
 from retrace.checkpoints.torchload import safe_torch_load_mapped
 from retrace.errors import RetraceError
@@ -175,7 +175,7 @@ def _as_state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
     return obj
 
 
-class TorchBinReader(ParamReader):
+class TorchBinReader(IndexedReader):
     """``pytorch_model.bin`` (or any flat state-dict pickle), or the shards of a ``*.bin.index.json``.
 
     Loaded only with ``torch.load(weights_only=True, mmap=True)``: memory-mapped shards stay open
@@ -238,16 +238,6 @@ class TorchBinReader(ParamReader):
 
     def location(self, name: str) -> str:
         return str(self._where[name][0]) if name in self._where else self.source
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._shapes:
-            raise KeyError(f"{self.source}: no parameter {name}")
-        return self._shapes[name]
-
-    def dtype(self, name: str) -> torch.dtype:
-        if name not in self._dtypes:
-            raise KeyError(f"{self.source}: no parameter {name}")
-        return self._dtypes[name]
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from retrace.checkpoints.base import ParamReader
+from retrace.checkpoints.base import IndexedReader
 from retrace.checkpoints.names import (
     CAT0,
     CAT1,
@@ -145,7 +145,7 @@ def _merge(rule: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     raise ValueError(rule)
 
 
-class NeoXReader(ParamReader):
+class NeoXReader(IndexedReader):
     """A GPT-NeoX native checkpoint, tensor-parallel shards merged on the fly, one tensor at a time."""
 
     def __init__(self, path: str | os.PathLike):
@@ -299,16 +299,6 @@ class NeoXReader(ParamReader):
 
     def names(self) -> list[str]:
         return list(self._names)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._shapes:
-            raise KeyError(f"{self.source}: no parameter {name}")
-        return self._shapes[name]
-
-    def dtype(self, name: str) -> torch.dtype:
-        if name not in self._dtypes:
-            raise KeyError(f"{self.source}: no parameter {name}")
-        return self._dtypes[name]
 
     def location(self, name: str) -> str:
         if name not in self._spec:
