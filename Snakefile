@@ -4,6 +4,7 @@
 #   snakemake --cores 2                                   the embedded study (config.yaml), on this machine
 #   snakemake --profile profiles/slurm --configfile studies/pythia-70m-control.yaml
 #   retrace cells                                         each cell and its state (done/failed/running/pending)
+#   snakemake audit                                       audit the published references (retrace audit)
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -33,9 +34,12 @@ include: "workflow/rules/references.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/compare.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/audit.smk"
 
 
 rule all:
     input:
         final_outputs(),
+        # `snakemake audit` audits the published references; part of `all` only with audit.in_all
+        audit_targets(),
     default_target: True

@@ -34,6 +34,8 @@ Designs
 default the first value of each axis) plus, for each axis, one cell per other value with every other
 axis at its baseline; the axes listed in ``cross`` are crossed in full and the design is repeated
 within each of their combinations (e.g. ``cross: [model, data]`` gives every model on every variant).
+In both designs a model with ``models.<name>.data`` is only paired with those data variants: the other
+cells are left out (ids of the remaining cells are unchanged).
 
 This module is pure Python (no torch, no Snakemake); the Snakefile and ``retrace cells`` call it.
 """
@@ -111,6 +113,12 @@ class Model:
     documented: str | None = None
     hub_cache: str | None = None
     build: Build | None = None
+    data: tuple[str, ...] | None = None  # the data variants it is reproduced on (None: every one)
+    checkpoint_activations: bool = False
+
+    def reproduced_on(self, variant: str) -> bool:
+        """Whether cells pair this model with data variant ``variant`` (``models.<name>.data``)."""
+        return self.data is None or variant in self.data
 
     @property
     def token(self) -> str:
@@ -232,6 +240,8 @@ class Study:
     cluster: dict[str, Any]
     description: str = ""
     config: dict[str, Any] = field(default_factory=dict, repr=False)
+    neox: dict[str, Any] | None = None  # the `neox` section (engine neox)
+    audit: dict[str, Any] = field(default_factory=dict)  # the `audit` section, defaults filled in
 
     @functools.cached_property
     def _cells(self) -> list[Cell]:
@@ -279,6 +289,12 @@ class Study:
 
     def train_args(self, cell: Cell) -> list[str]:
         """The `retrace train` arguments of a cell, but --out and --threads."""
+        if cell.engine == "neox":
+            raise RetraceError(
+                f"cell {cell.id}: engine neox is accepted by the study schema but the train rule does not run "
+                "GPT-NeoX yet (retrace.neox.runner.run_cell needs a GPT-NeoX native step-0 checkpoint to load, "
+                "else GPT-NeoX re-initialises); use engine builtin or deepspeed, or run the cell by hand with "
+                "`retrace neox-config`")
         m = cell.model
         return self._train_args(m, cell.data, cell.parallel, cell.attention, cell.precision, cell.engine,
                                 cell.steps, cell.seed, m.reference, m.start_step)
@@ -301,6 +317,8 @@ class Study:
                 "--engine", engine, "--steps", steps, "--seed", seed]
         if data.shuffle_samples:
             args.append("--shuffle-samples")
+        if m.checkpoint_activations:
+            args.append("--checkpoint-activations")
         for flag, value in (("--recipe", m.recipe), ("--seq-length", m.seq_length), ("--lr", m.lr),
                             ("--min-lr", m.min_lr), ("--train-iters", m.train_iters),
                             ("--warmup-iters", m.warmup_iters)):
@@ -457,6 +475,10 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
         if m.documented is not None and m.documented not in data:
             raise fail(f"models.{name}.documented", f"{m.documented!r} is not a data variant "
                                                     f"(defined under data: {', '.join(data)})")
+        for i, variant in enumerate(m.data or ()):
+            if variant not in data:
+                raise fail(f"models.{name}.data[{i}]", f"{variant!r} is not a data variant "
+                                                       f"(defined under data: {', '.join(data)})")
 
     schema_axes = load_schema()["properties"]["axes"]["properties"]
     raw_axes = config["axes"]
@@ -502,6 +524,16 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
             raise fail(f"baseline.{axis}", f"{shown!r} is not one of the values of axes.{axis}")
         baseline[axis] = value
 
+    _check_model_data(axes, baseline, design, cross, fail)
+    neox = dict(config["neox"]) if "neox" in config else None
+    if "neox" in axes["engine"]:
+        if neox is None:
+            raise fail("neox", "required when axes.engine has neox (where the GPT-NeoX v1.0 checkout is)")
+        from retrace.neox.runner import NeoXEnv  # torch-free
+
+        NeoXEnv.from_config(neox, where=f"{where}: config key neox")
+    audit = {"in_all": False, "repos": [], "weights": False, **config.get("audit", {})}
+
     cluster = dict(config.get("cluster", {}))
     cluster.setdefault("gpus_per_node", 8)
     cluster.setdefault("gpu_models", {})
@@ -509,9 +541,24 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
     cluster.setdefault("threads_per_rank", 1)
     study = Study(name=config["study"], design=design, models=models, data=data, axes=axes, baseline=baseline,
                   cross=cross, synthetic={"seed": 1234, **config.get("synthetic", {})}, cluster=cluster,
-                  description=config.get("description", ""), config=config)
+                  description=config.get("description", ""), config=config, neox=neox, audit=audit)
     _check_cells(study, fail, root)
     return study
+
+
+def _check_model_data(axes: dict[str, list], baseline: dict[str, Any], design: str, cross: list[str], fail) -> None:
+    """``models.<name>.data`` leaves cells out: every model on the axis keeps some, and one_at_a_time keeps
+    its baseline cell (the data variant is crossed, or the baseline variant is one the model is run on)."""
+    on_axis = {d.name for d in axes["data"]}
+    for m in axes["model"]:
+        if m.data is None:
+            continue
+        if not on_axis & set(m.data):
+            raise fail(f"models.{m.name}.data", f"none of {list(m.data)} is a value of axes.data, so model "
+                                                f"{m.name!r} would get no cells")
+        if design == "one_at_a_time" and "data" not in cross and not m.reproduced_on(baseline["data"].name):
+            raise fail(f"models.{m.name}.data", f"leaves out the baseline data variant {baseline['data'].name!r}: "
+                                                "add it, or cross the data axis (cross: [..., data])")
 
 
 def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fail) -> Model:
@@ -554,7 +601,9 @@ def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fai
                  global_batch=int(global_batch), seq_length=spec.get("seq_length"), lr=spec.get("lr"),
                  min_lr=spec.get("min_lr"), train_iters=spec.get("train_iters"),
                  warmup_iters=spec.get("warmup_iters"), documented=spec.get("documented"),
-                 hub_cache=spec.get("hub_cache"), build=build)
+                 hub_cache=spec.get("hub_cache"), build=build,
+                 data=tuple(spec["data"]) if "data" in spec else None,
+                 checkpoint_activations=bool(spec.get("checkpoint_activations", False)))
 
 
 def _check_cells(study: Study, fail, root: Path) -> None:
@@ -642,6 +691,7 @@ def _expand(study: Study) -> list[Cell]:
                 for value in axes[axis]:
                     if value != study.baseline[axis]:
                         cells.append(Cell(**{**base, axis: value}))
+    cells = [c for c in cells if c.model.reproduced_on(c.data.name)]  # models.<name>.data
     return list({c.id: c for c in cells}.values())
 
 

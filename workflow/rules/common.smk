@@ -303,6 +303,66 @@ def report_documented(wildcards):
     return " ".join(f"--documented {shlex.quote(p)}" for p in pairs)
 
 
+# ------------------------------------------------------------------------------------------ audit
+# The audit target (audit.smk): `retrace audit` over the study's references and audit.repos.
+
+from retrace.errors import RetraceError
+
+AUDIT_PARQUET = "results/audit/audit.parquet"
+AUDIT_SUMMARY = "results/audit/summary.txt"
+
+
+def audit_targets():
+    """The audit outputs the default target asks for: both when the study sets audit.in_all, else none."""
+    return [AUDIT_PARQUET, AUDIT_SUMMARY] if STUDY.audit["in_all"] else []
+
+
+def audit_repos():
+    """The references the cells train and compare against, then audit.repos, each once."""
+    return list(dict.fromkeys([m.reference for m in STUDY.used_models()] + list(STUDY.audit["repos"])))
+
+
+def audit_cache():
+    """The hub cache an all-local study is audited from (offline), or None when every reference is on the Hub."""
+    local = sorted({m.hub_cache for m in STUDY.used_models() if m.is_local})
+    remote = [m.name for m in STUDY.used_models() if not m.is_local]
+    if not local:
+        return None
+    if remote or len(local) > 1:
+        raise RetraceError(
+            f"audit: study {STUDY.name} mixes references from the Hub ({', '.join(remote) or 'none'}) and "
+            f"local hub caches ({', '.join(local)}); `retrace audit` reads one source, so audit them "
+            "separately (retrace audit REPO… [--offline --cache-dir DIR])"
+        )
+    return local[0]
+
+
+def audit_published(wildcards):
+    """Built references are audited once published into their hub cache."""
+    return [r for m in STUDY.used_models() for r in built_record(m)]
+
+
+def audit_repos_arg(wildcards):
+    return shlex.join(audit_repos())
+
+
+def audit_options(wildcards):
+    """--offline --cache-dir and the last published step for local references; --weights if asked."""
+    from retrace.grid import local_reference_steps
+
+    flags = []
+    cache = audit_cache()
+    if cache is not None:
+        last = 0
+        for m in STUDY.used_models():
+            steps = m.build.saved_steps() if m.build is not None else local_reference_steps(m.hub_cache, m.reference)
+            last = max([last, *steps])
+        flags += ["--offline", "--cache-dir", cache, "--max-step", str(last)]
+    if STUDY.audit["weights"]:
+        flags.append("--weights")
+    return shlex.join(flags)
+
+
 # ------------------------------------------------------------------------------------- run blocks
 
 

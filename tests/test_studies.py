@@ -1,0 +1,320 @@
+"""The real studies (studies/*.yaml) and the audit target, through real Snakemake dry runs.
+
+Each study's job table (per-rule job counts from the dry run's summary) is pinned to numbers derived
+from its design, and the resources of its train jobs to its layouts and GPU types, as the SLURM profile
+would submit them. The audit target is scheduled on request (`snakemake -n audit`), is part of `all`
+only where the study says so, reads local references offline, and runs for real on a tiny hub cache.
+The grid features the studies need (models.<name>.data, engine neox) are checked here too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from retrace.errors import RetraceError
+from retrace.grid import checkpoint_steps, load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ROOT / "studies"
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
+SLURM = ["--profile", str(ROOT / "profiles" / "slurm")]
+
+
+def snakemake(*args: str, workdir: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
+    return subprocess.run([*SNAKEMAKE, "-d", str(workdir), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule → jobs, from the 'job count' table of a dry run (the first one printed)."""
+    counts, table = {}, False
+    for line in output.splitlines():
+        if re.match(r"^job\s+count$", line):
+            table = True
+            continue
+        if table and not line.startswith("-"):
+            m = re.match(r"^(\w+)\s+(\d+)$", line)
+            if not m or m.group(1) == "total":
+                break
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def jobs_of(output: str, rule: str) -> list[dict[str, str]]:
+    """Each scheduled job of ``rule``: its wildcards, its resources (parsed) and its shell command."""
+    jobs, current = [], None
+    for line in output.splitlines():
+        if re.match(rf"^(local)?rule {rule}:$", line):
+            current = {}
+            jobs.append(current)
+        elif re.match(r"^(local)?rule \w+:$", line) or line.startswith("Job stats"):
+            current = None
+        elif current is not None and line.startswith(("    wildcards: ", "    resources: ")):
+            key, _, value = line.strip().partition(": ")
+            current[key] = value
+        elif current is not None and line.startswith("Shell command: "):
+            current["shell"] = line.removeprefix("Shell command: ")
+    for job in jobs:
+        job["cell"] = job.get("wildcards", "").removeprefix("cell=")
+        job["res"] = dict(kv.split("=", 1) for kv in job.get("resources", "").split(", ") if "=" in kv)
+    return jobs
+
+
+@cache
+def dry_run(study: str, *targets: str) -> str:
+    """`snakemake -n -p [targets] --profile profiles/slurm --configfile studies/<study>.yaml` (cached)."""
+    import tempfile
+
+    workdir = Path(tempfile.mkdtemp(prefix=f"retrace-dry-{study}-"))
+    out = snakemake(*targets, "-n", "-p", *SLURM, "--configfile", str(STUDIES / f"{study}.yaml"), workdir=workdir)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert not (workdir / "results").exists() and not (workdir / "resources").exists()
+    return out.stdout
+
+
+# Checkpoints compared per published run: 0, 1, 2, 4 … 512, 1000 (the Pythia schedule to step 1000).
+STEPS_TO_1000 = len(checkpoint_steps(0, 1000))
+# One factor at a time, crossed with model × data: a baseline plus one cell per other value of each axis:
+# parallel 4 values (+3), gpu_type 2 (+1), attention 2 (+1), deps 2 (+1) = 7 cells per (model, data).
+BLOG_CELLS = 1 + 3 + 1 + 1 + 1
+
+EXPECTED = {
+    "pythia-2.8b-deduped": {
+        "pile_data": 2,                     # deduped and standard preshuffled streams (no order maps)
+        "fetch_reference": STEPS_TO_1000,   # one repo, fetched once per step for all cells
+        "reference_steps": 1,
+        "train": 1 * 2 * BLOG_CELLS,        # 1 model × 2 variants × 7
+        "compare": 1 * 2 * BLOG_CELLS,
+        "cells_table": 1, "aggregate": 1, "report": 1,
+        "audit": 1,                          # audit.in_all: true
+        "all": 1,
+    },
+    "pythia-70m-control": {
+        "pile_data": 2, "fetch_reference": STEPS_TO_1000, "reference_steps": 1,
+        "train": 2 * BLOG_CELLS, "compare": 2 * BLOG_CELLS,
+        "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
+    },
+    "polypythias-seeds": {
+        "pile_data": 10,                    # one variant per order seed (1234, 1 … 9), same copy
+        "order_maps": 10,                   # raw data: GPT-NeoX index maps per order seed
+        "fetch_reference": 10 * STEPS_TO_1000,  # 10 repos (pythia-70m, -seed1 … -seed9)
+        "reference_steps": 10,
+        "train": 10 * 2, "compare": 10 * 2,  # each run on its own order and one other (models.<name>.data)
+        "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
+    },
+}
+
+
+def test_every_study_is_tested():
+    assert {p.stem for p in STUDIES.glob("*.yaml")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("study", sorted(EXPECTED))
+def test_study_dry_run_job_table(study):
+    out = dry_run(study)
+    assert job_counts(out) == EXPECTED[study]
+    cells = load_study(STUDIES / f"{study}.yaml", root=ROOT).cell_ids()
+    assert sorted(j["cell"] for j in jobs_of(out, "train")) == sorted(cells)
+    assert sorted(j["cell"] for j in jobs_of(out, "compare")) == sorted(cells)
+
+
+def test_blog_study_resources_and_commands():
+    out = dry_run("pythia-2.8b-deduped")
+    train = {j["cell"]: j for j in jobs_of(out, "train")}
+    by_axes = {tuple(c.split("__")[1:6]): j for c, j in train.items()}
+    # 16×A40, pdbs 8, gas 8 (the baseline): two nodes, one srun task per GPU, GPUs asked per node
+    two = by_axes[("deduped-preshuffled", "g16p8a8", "a40", "flash", "torch2.4")]
+    assert two["res"]["nodes"] == "2" and two["res"]["tasks_per_node"] == "8" and two["res"]["mpi"] == "srun"
+    assert two["res"]["slurm_extra"] == "--gpus-per-node=a40:8" and two["res"]["cpus_per_task"] == "4"
+    assert "gpu" not in two["res"] and two["res"]["runtime"] == "1440"
+    assert two["shell"].startswith("(srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 ")
+    for flag in ("--reference EleutherAI/pythia-2.8b-deduped --start-step 0", "--gpus 16 --pdbs 8 --gas 8",
+                 "--engine deepspeed", "--checkpoint-activations", "--precision fp16", "--steps 1000",
+                 "--data resources/data/pile/deduped-preshuffled/document --data-kind preshuffled"):
+        assert flag in two["shell"], flag
+    # 8×A40, pdbs 4, gas 32: one node, --gpus=a40:8, retrace train starts the 8 ranks itself
+    one = by_axes[("standard-preshuffled", "g8p4a32", "a40", "flash", "torch2.4")]
+    assert one["res"]["gpu"] == "8" and one["res"]["gpu_model"] == "a40" and one["res"]["nodes"] == "1"
+    assert not {"mpi", "tasks_per_node", "slurm_extra"} & set(one["res"]) and "srun" not in one["shell"]
+    # the GPU-type cell keeps the baseline layout on A100s; the others keep the baseline GPU
+    assert by_axes[("deduped-preshuffled", "g16p8a8", "a100", "flash", "torch2.4")]["res"]["slurm_extra"] == \
+        "--gpus-per-node=a100:8"
+    assert {k[2] for k in by_axes if k[1] != "g16p8a8"} == {"a40"}
+    assert {k[1] for k in by_axes} == {"g16p8a8", "g8p8a16", "g8p4a32", "g8p16a8"}
+    assert {k[3] for k in by_axes} == {"flash", "global"} and {k[4] for k in by_axes} == {"torch2.4", "torch2.6"}
+
+
+def test_polypythias_pairs_each_run_with_its_order():
+    study = load_study(STUDIES / "polypythias-seeds.yaml", root=ROOT)
+    pairs = {(c.model.reference, c.data.order_seed) for c in study.cells()}
+    expected = {("EleutherAI/pythia-70m", 1234), ("EleutherAI/pythia-70m", 1)}
+    for n in range(1, 10):
+        expected |= {(f"EleutherAI/pythia-70m-seed{n}", n), (f"EleutherAI/pythia-70m-seed{n}", 1234)}
+    assert pairs == expected
+    for m in study.used_models():  # documented = the order seed of the run's own name (the assumption)
+        own = int(m.reference.rsplit("seed", 1)[1]) if "-seed" in m.reference else 1234
+        assert study.data[m.documented].order_seed == own
+    out = dry_run("polypythias-seeds")
+    orders = {j["wildcards"] for j in jobs_of(out, "order_maps")}
+    assert {re.search(r"order_seed=(\d+)", w).group(1) for w in orders} == {"1234", *map(str, range(1, 10))}
+    train = jobs_of(out, "train")[0]
+    assert "--data-kind raw" in train["shell"] and train["res"]["gpu_model"] == "a100"
+
+
+# ------------------------------------------------------------------------------------------- audit
+
+
+def test_audit_is_part_of_all_only_where_the_study_enables_it():
+    assert "audit" in job_counts(dry_run("pythia-2.8b-deduped"))
+    assert "audit" not in job_counts(dry_run("pythia-70m-control"))
+    (audit,) = jobs_of(dry_run("pythia-2.8b-deduped"), "audit")
+    assert ("retrace audit EleutherAI/pythia-2.8b-deduped EleutherAI/pythia-2.8b "
+            "EleutherAI/neox-ckpt-pythia-2.8b-deduped-v1  --parquet results/audit/audit.parquet "
+            "--summary results/audit/summary.txt") in audit["shell"]
+    assert "--offline" not in audit["shell"]
+
+
+@pytest.mark.parametrize("study", ["pythia-70m-control", "polypythias-seeds"])
+def test_snakemake_audit_schedules_only_the_audit(study):
+    out = dry_run(study, "audit")
+    assert job_counts(out) == {"audit": 1}
+    (audit,) = jobs_of(out, "audit")
+    repos = sorted({m.reference for m in load_study(STUDIES / f"{study}.yaml", root=ROOT).used_models()})
+    assert all(r in audit["shell"] for r in repos) and "--offline" not in audit["shell"]
+
+
+def test_embedded_study_audit_reads_its_hub_cache_offline(tmp_path):
+    out = snakemake("-n", "-p", "audit", workdir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    counts = job_counts(out.stdout)
+    assert counts["audit"] == 1 and counts["reference_publish"] == 2  # audited once published
+    (audit,) = jobs_of(out.stdout, "audit")
+    assert ("retrace audit retrace-tiny/pythia-tiny-deduped retrace-tiny/pythia-tiny-control --offline "
+            "--cache-dir resources/hub --max-step 64") in audit["shell"]
+
+
+def tiny_cache_study(cache: Path, **extra) -> dict:
+    return {
+        "study": "tiny-audit",
+        "models": {"tiny": {"reference": "fix/tiny", "hub_cache": str(cache), "recipe": "70m",
+                            "global_batch": 4}},
+        "data": {"deduped-raw": {"source": "synthetic", "corpus": "deduped", "format": "raw"}},
+        "axes": {"model": ["tiny"], "data": ["deduped-raw"], "parallel": [{"gpus": 1, "pdbs": 4, "gas": 1}],
+                 "steps": [2]},
+        **extra,
+    }
+
+
+def test_audit_target_runs_on_a_local_hub_cache(tmp_path):
+    from retrace.checkpoints.hubcache import publish_to_hub_cache
+
+    cache = tmp_path / "hub"
+    config = {"config.json": b'{"model_type": "gpt_neox"}'}
+    weights = {s: {"model.safetensors": f"weights of step {s}".encode()} for s in (0, 2)}
+    for rev, step in (("step0", 0), ("step1", 0), ("step2", 2), ("main", 2)):  # step1 = step0: LR 0
+        publish_to_hub_cache(cache, "fix/tiny", rev, {**config, **weights[step]})
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump(tiny_cache_study(cache)))
+    wd = tmp_path / "wd"
+    out = snakemake("audit", "--cores", "1", "--configfile", str(study), workdir=wd)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    frame = pd.read_parquet(wd / "results" / "audit" / "audit.parquet")
+    assert set(frame["repo"]) == {"fix/tiny"}
+    assert {"step0", "step1", "step2", "main"} <= set(frame["revision"])
+    summary = (wd / "results" / "audit" / "summary.txt").read_text()
+    assert "clean: fix/tiny" in summary and "0 missing" in summary  # --max-step: its last local step
+    log = (wd / "results" / "logs" / "audit" / "audit.log").read_text()
+    assert "FAILED" not in log
+
+
+def test_audit_refuses_to_mix_local_and_hub_references(tmp_path):
+    cfg = tiny_cache_study(tmp_path / "hub")
+    cfg["models"]["tiny"].pop("hub_cache")
+    cfg["models"]["other"] = {"reference": "fix/other", "hub_cache": str(tmp_path / "hub"), "recipe": "70m",
+                              "global_batch": 4, "start_step": 0}
+    cfg["axes"]["model"] = ["tiny", "other"]
+    from retrace.checkpoints.hubcache import publish_to_hub_cache
+
+    for rev in ("step0", "step1", "step2"):
+        publish_to_hub_cache(tmp_path / "hub", "fix/other", rev, {"config.json": b"{}"})
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump(cfg))
+    out = snakemake("-n", "audit", "--configfile", str(study), workdir=tmp_path / "wd")
+    assert out.returncode != 0
+    assert "mixes references from the Hub (tiny) and local hub caches" in out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------------- grid features they need
+
+
+def base(**models) -> dict:
+    return {
+        "study": "unit",
+        "design": "one_at_a_time",
+        "cross": ["model", "data"],
+        "models": models or {
+            "a": {"reference": "EleutherAI/pythia-70m", "data": ["d1", "d0"]},
+            "b": {"reference": "EleutherAI/pythia-70m-seed1", "data": ["d1"]},
+        },
+        "data": {f"d{i}": {"source": "synthetic", "corpus": "standard", "format": "raw", "order_seed": i}
+                 for i in range(3)},
+        "axes": {"model": ["a", "b"], "data": ["d0", "d1", "d2"], "parallel": [{"gpus": 32, "pdbs": 32, "gas": 1}],
+                 "attention": ["flash", "global"], "steps": [4]},
+    }
+
+
+def test_models_data_leaves_out_the_other_pairs_and_keeps_ids():
+    study = load_study(base(), root=ROOT)
+    assert {(c.model.name, c.data.name, c.attention) for c in study.cells()} == {
+        ("a", "d0", "flash"), ("a", "d0", "global"), ("a", "d1", "flash"), ("a", "d1", "global"),
+        ("b", "d1", "flash"), ("b", "d1", "global")}
+    cfg = base()
+    for m in cfg["models"].values():
+        m.pop("data")
+    everything = load_study(cfg, root=ROOT).cell_ids()
+    assert len(everything) == 12 and set(study.cell_ids()) <= set(everything)  # a subset, same ids
+    cfg = base()
+    cfg["design"], cfg["cross"] = "factorial", []
+    assert len(load_study(cfg, root=ROOT).cells()) == 6
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["models"]["a"].update(data=["d9"]), "config key models.a.data[0]: 'd9' is not a data variant"),
+    (lambda c: c["axes"].update(data=["d0", "d2"]),
+     "config key models.b.data: none of ['d1'] is a value of axes.data, so model 'b' would get no cells"),
+    (lambda c: c.update(cross=["model"]),
+     "config key models.b.data: leaves out the baseline data variant 'd0': add it, or cross the data axis"),
+])
+def test_models_data_errors_name_the_key(change, message):
+    cfg = base()
+    change(cfg)
+    with pytest.raises(RetraceError, match=re.escape(message)):
+        load_study(cfg, root=ROOT)
+
+
+def test_engine_neox_needs_its_section_and_the_train_rule_refuses_it_clearly(tmp_path):
+    cfg = base()
+    cfg["axes"]["engine"] = ["builtin", "neox"]
+    with pytest.raises(RetraceError, match=r"config key neox: required when axes.engine has neox"):
+        load_study(cfg, root=ROOT)
+    cfg["neox"] = {"path": "/opt/gpt-neox", "container": "neox.sif", "conda_env": "neox"}
+    with pytest.raises(RetraceError, match=r"give container or conda_env, not both"):
+        load_study(cfg, root=ROOT)
+    cfg["neox"] = {"path": "/opt/gpt-neox", "container": "/images/neox-v1.0.sif", "binds": ["/data"]}
+    study = load_study(cfg, root=ROOT)
+    neox = next(c for c in study.cells() if c.engine == "neox")
+    with pytest.raises(RetraceError, match=r"engine neox is accepted by the study schema but the train rule"):
+        study.train_args(neox)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake("-n", "--configfile", str(tmp_path / "s.yaml"), workdir=tmp_path / "wd")
+    assert out.returncode != 0 and "the train rule does not run GPT-NeoX yet" in out.stdout + out.stderr
