@@ -185,7 +185,7 @@ def test_placement_from_the_cell_and_the_cluster():
     many = by[("a100", 32)]
     assert (many.nodes, many.tasks_per_node, many.mpi, many.cpus_per_task, many.gpu) == (4, 8, "srun", 2, None)
     assert many.slurm_extra == "--gpus-per-node=a100:8" and many.threads == 16
-    assert many.launcher == "srun --nodes=4 --ntasks-per-node=8 --kill-on-bad-exit=1"
+    assert many.launcher == "srun --nodes=4 --ntasks-per-node=8 --cpus-per-task=2 --kill-on-bad-exit=1"
     untyped = by[("h100", 32)]  # GPUs selected by feature, not GRES type
     assert untyped.slurm_extra == "--gpus-per-node=8" and untyped.constraint == "h100&ib"
     assert by[("h100", 4)].gpu_model is None and by[("h100", 4)].gpu == 4

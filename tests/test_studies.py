@@ -137,7 +137,7 @@ def test_blog_study_resources_and_commands():
     assert two["res"]["nodes"] == "2" and two["res"]["tasks_per_node"] == "8" and two["res"]["mpi"] == "srun"
     assert two["res"]["slurm_extra"] == "--gpus-per-node=a40:8" and two["res"]["cpus_per_task"] == "4"
     assert "gpu" not in two["res"] and two["res"]["runtime"] == "1440"
-    assert two["shell"].startswith("(srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 ")
+    assert two["shell"].startswith("(srun --nodes=2 --ntasks-per-node=8 --cpus-per-task=4 --kill-on-bad-exit=1 ")
     for flag in ("--reference EleutherAI/pythia-2.8b-deduped --start-step 0", "--gpus 16 --pdbs 8 --gas 8",
                  "--engine deepspeed", "--checkpoint-activations", "--precision fp16", "--steps 1000",
                  "--data resources/data/pile/deduped-preshuffled/document --data-kind preshuffled"):

@@ -364,10 +364,14 @@ class Placement:
 
     @property
     def launcher(self) -> str:
-        """What starts the ranks: nothing on one node, srun across nodes."""
+        """What starts the ranks: nothing on one node, srun across nodes. The inner srun states its CPUs per
+        rank: since Slurm 22.05 it no longer inherits --cpus-per-task from the allocation."""
         if self.mpi is None:
             return ""
-        return f"srun --nodes={self.nodes} --ntasks-per-node={self.tasks_per_node} --kill-on-bad-exit=1"
+        cpus = f" --cpus-per-task={self.cpus_per_task}" if self.cpus_per_task else ""
+        return (
+            f"srun --nodes={self.nodes} --ntasks-per-node={self.tasks_per_node}{cpus} --kill-on-bad-exit=1"
+        )
 
 
 def cells_frame(study: Study | str | Path | Mapping):

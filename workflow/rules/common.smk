@@ -22,6 +22,14 @@ STUDY = load_study(config, root=workflow.basedir)
 _CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
 _PYTHON = "python" if _CONDA else shlex.quote(sys.executable)
 RETRACE = f"env PYTHONPATH={shlex.quote(str(_PKG_DIR))}${{PYTHONPATH:+:$PYTHONPATH}} {_PYTHON} -m retrace"
+_DEPS = sorted({cell.axes["deps"] for cell in STUDY.cells()})
+if len(_DEPS) > 1 and not _CONDA:
+    print(
+        f"retrace: warning: the study's deps axis has {len(_DEPS)} values ({', '.join(_DEPS)}) but conda "
+        "deployment is off, so every cell runs in this Python and the deps axis measures nothing: "
+        "run with --sdm conda (envs/ holds one environment per value).",
+        file=sys.stderr,
+    )
 #: The environment of the rules outside the grid's `deps` axis (data, fetch, compare, report): CPU work.
 TOOLS_ENV = f"{workflow.basedir}/envs/torch-cpu.yaml"
 

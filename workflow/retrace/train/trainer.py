@@ -556,11 +556,15 @@ class Trainer:
     def _save_state(self, engine, step: int, hashes: dict, rows: list[dict]) -> None:
         root = self.out / "state"
         d = st.state_dir(root, step)
-        tensors = dict(engine.state_tensors())
         rng_t, rng_meta = st.rng_state()
-        tensors.update(rng_t)
-        sha = st.save_tensors(d / self._rank_file(), tensors)
-        files = {self._rank_file(): sha}
+        # builtin: every rank holds the same replicated state, so the main rank alone writes it (ranks
+        # writing one file name would race on the rename and on its recorded sha256); deepspeed: a
+        # partition per rank, each in its own file.
+        files: dict[str, str] = {}
+        if self.cfg.engine == "deepspeed" or self.env.is_main:
+            tensors = dict(engine.state_tensors())
+            tensors.update(rng_t)
+            files[self._rank_file()] = st.save_tensors(d / self._rank_file(), tensors)
         if self.env.world_size > 1 and self.cfg.engine == "deepspeed":
             gathered: list[Any] = [None] * self.env.world_size
             torch.distributed.all_gather_object(gathered, files)
