@@ -97,6 +97,7 @@ EXPECTED = {
         "compare": 1 * 2 * BLOG_CELLS,
         "cells_table": 1, "aggregate": 1, "report": 1,
         "audit": 1,                          # audit.in_all: true
+        "cross_generation": 1,               # cross_generation: vs pythia-2.8b-deduped-v0 (report input)
         "all": 1,
     },
     "pythia-70m-control": {

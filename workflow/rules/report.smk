@@ -58,6 +58,8 @@ rule report:
         similarity="results/tables/similarity.parquet",
         tensors="results/tables/similarity_tensors.parquet",
         train_log="results/tables/train_log.parquet",
+        # the "Versus other generations" section, when the study sets cross_generation (compare.smk)
+        cross_generation=cross_generation_targets(),
     output:
         index=report(
             "results/report/index.html",

@@ -10,6 +10,8 @@ failed run leaves the previous report or nothing)::
     tables/factor_<axis>.html        the same as an HTML fragment
     tables/factors_long.csv          all factor tables in long form (model, factor, value, data, step, ...)
     tables/cells_final.csv           every cell at its final step (axes, θ Cos, L2, last loss if logged)
+    tables/cross_generation.{csv,md} only when the tables hold cross_generation.parquet (`retrace
+                                     cross-compare`): a published model vs other repos at the same steps
     figures/trajectory_<model>.png   1 − θ Cos and L2 over steps, one line per data variant
     figures/factor_<axis>_<model>.png  the same split by one factor's values
 """
@@ -29,6 +31,7 @@ import pandas as pd
 
 from retrace.errors import RetraceError
 from retrace.io import write_json
+from retrace.report import cross as CROSS
 from retrace.report import tables as T
 from retrace.report.frames import DATA, MODEL, axis_columns, fmt_cos, fmt_num, read_parquet, show
 from retrace.report.trajectories import factor_figure, figure_name, trajectory_figure
@@ -77,6 +80,7 @@ img{max-width:100%;border:1px solid #ddd}
 def _index_html(
     sim: pd.DataFrame, vs, verdict_txt: str, factor_parts: list[tuple[str, str]],
     final: pd.DataFrame, figures: list[tuple[str, Path]], steps: Sequence[int],
+    cross_fragment: str | None = None,
 ) -> str:
     esc = html.escape
     models = sorted(sim[MODEL].astype(str).unique())
@@ -115,6 +119,8 @@ def _index_html(
         parts.append("<p>No axis other than model and data takes more than one value.</p>")
     for factor, fragment in factor_parts:
         parts += [f'<h3 id="factor-{esc(factor)}">{esc(factor)}</h3>', fragment]
+    if cross_fragment is not None:
+        parts += ['<h2 id="cross-generation">Versus other generations</h2>', cross_fragment]
     parts.append('<h2 id="figures">Figures</h2>')
     for title, path in figures:
         parts.append(f"<figure>{_img(path, title)}<figcaption>{esc(title)}</figcaption></figure>")
@@ -170,6 +176,8 @@ def build_report(
     train_log_path = tables / "train_log.parquet"
     train_log = read_parquet(train_log_path, (), "aggregated train log") if train_log_path.exists() else None
     vs = verdicts(sim, steps, documented)
+    cross_path = tables / CROSS.TABLE_NAME
+    cross = read_parquet(cross_path, CROSS.COLUMNS, "cross-generation table") if cross_path.exists() else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -201,6 +209,13 @@ def build_report(
         long_all.to_csv(tmp / "tables" / "factors_long.csv", index=False)
         final = cells_final(sim, train_log)
         final.to_csv(tmp / "tables" / "cells_final.csv", index=False)
+        cross_fragment = None
+        if cross is not None:
+            cross.to_csv(tmp / "tables" / "cross_generation.csv", index=False)
+            (tmp / "tables" / "cross_generation.md").write_text(
+                f"### Versus other generations\n\n{CROSS.to_markdown(cross)}", encoding="utf-8"
+            )
+            cross_fragment = CROSS.to_html(cross)
 
         figures = []
         for model, sub in sim.groupby(MODEL, sort=True):
@@ -211,7 +226,7 @@ def build_report(
                 path = factor_figure(sub, factor, tmp / "figures" / name)
                 figures.append((f"{model}: 1 − θ Cos and L2 over steps by {factor.name}", path))
         (tmp / "index.html").write_text(
-            _index_html(sim, vs, text, factor_parts, final, figures, steps), encoding="utf-8"
+            _index_html(sim, vs, text, factor_parts, final, figures, steps, cross_fragment), encoding="utf-8"
         )
         _replace_dir(tmp, out)
     except BaseException:
