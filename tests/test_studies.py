@@ -303,7 +303,7 @@ def test_models_data_errors_name_the_key(change, message):
         load_study(cfg, root=ROOT)
 
 
-def test_engine_neox_needs_its_section_and_the_train_rule_refuses_it_clearly(tmp_path):
+def test_engine_neox_needs_its_section_and_the_train_rule_runs_neox_run(tmp_path):
     cfg = base()
     cfg["axes"]["engine"] = ["builtin", "neox"]
     with pytest.raises(RetraceError, match=r"config key neox: required when axes.engine has neox"):
@@ -314,8 +314,25 @@ def test_engine_neox_needs_its_section_and_the_train_rule_refuses_it_clearly(tmp
     cfg["neox"] = {"path": "/opt/gpt-neox", "container": "/images/neox-v1.0.sif", "binds": ["/data"]}
     study = load_study(cfg, root=ROOT)
     neox = next(c for c in study.cells() if c.engine == "neox")
-    with pytest.raises(RetraceError, match=r"engine neox is accepted by the study schema but the train rule"):
-        study.train_args(neox)
+    builtin = next(c for c in study.cells() if c.engine == "builtin")
+    assert neox.id.endswith("__neox") and study.train_command(neox) == "neox-run"
+    assert study.train_command(builtin) == "train" and "--engine" in study.train_args(builtin)
+    args = study.train_args(neox)
+    assert args[args.index("--neox-path") + 1] == "/opt/gpt-neox" and "--engine" not in args
+    assert args[args.index("--neox-container") + 1] == "/images/neox-v1.0.sif"
+    assert args[args.index("--neox-bind") + 1] == "/data" and args[args.index("--data-kind") + 1] == "raw"
+    bad = base()
+    bad["axes"]["engine"] = ["neox"]
+    bad["neox"] = cfg["neox"]
+    bad["models"]["a"]["lr"] = 1e-3
+    with pytest.raises(RetraceError, match=r"engine neox runs the published GPT-NeoX config, but models.a sets lr"):
+        load_study(bad, root=ROOT).train_args(next(c for c in load_study(bad, root=ROOT).cells()
+                                                   if c.model.name == "a"))
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
-    out = snakemake("-n", "--configfile", str(tmp_path / "s.yaml"), workdir=tmp_path / "wd")
-    assert out.returncode != 0 and "the train rule does not run GPT-NeoX yet" in out.stdout + out.stderr
+    out = snakemake("-n", "-p", "--configfile", str(tmp_path / "s.yaml"), workdir=tmp_path / "wd")
+    assert out.returncode == 0, out.stderr
+    commands = [line for line in out.stdout.splitlines() if " retrace " in f" {line} " or "retrace" in line]
+    neox_lines = [line for line in commands if "neox-run" in line]
+    assert neox_lines and all("--neox-path /opt/gpt-neox" in line and "--neox-container /images/neox-v1.0.sif"
+                              in line and "--neox-bind /data" in line for line in neox_lines)
+    assert any(re.search(r"retrace\S* train --reference", line) for line in commands)

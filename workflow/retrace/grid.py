@@ -287,17 +287,57 @@ class Study:
                          tasks_per_node=ranks, mpi="srun", cpus_per_task=tpr,
                          slurm_extra=f"--gpus-per-node={model + ':' if model else ''}{ranks}")
 
+    def train_command(self, cell: Cell) -> str:
+        """The `retrace` subcommand of a cell's train job: ``neox-run`` for engine neox, else ``train``."""
+        return "neox-run" if cell.engine == "neox" else "train"
+
     def train_args(self, cell: Cell) -> list[str]:
-        """The `retrace train` arguments of a cell, but --out and --threads."""
+        """The arguments of the cell's train command (``train_command``), but --out and --threads."""
         if cell.engine == "neox":
-            raise RetraceError(
-                f"cell {cell.id}: engine neox is accepted by the study schema but the train rule does not run "
-                "GPT-NeoX yet (retrace.neox.runner.run_cell needs a GPT-NeoX native step-0 checkpoint to load, "
-                "else GPT-NeoX re-initialises); use engine builtin or deepspeed, or run the cell by hand with "
-                "`retrace neox-config`")
+            return self.neox_run_args(cell)
         m = cell.model
         return self._train_args(m, cell.data, cell.parallel, cell.attention, cell.precision, cell.engine,
                                 cell.steps, cell.seed, m.reference, m.start_step)
+
+    def neox_run_args(self, cell: Cell) -> list[str]:
+        """The `retrace neox-run` arguments of an engine-neox cell (GPT-NeoX v1.0 itself), but --out and --threads.
+
+        GPT-NeoX runs the published config of the model's size (``models.<name>.recipe``, else the size
+        neox-run reads from the reference): a model that overrides the recipe (global_batch, seq_length,
+        lr, min_lr, train_iters, warmup_iters) is refused here, naming the key. The data order is GPT-NeoX's
+        own (index maps seeded by the cell's seed, on the raw corpus). Across nodes the cell uses
+        DeeperSpeed's slurm launcher (``--launcher slurm``), which runs ``srun`` itself.
+        """
+        from retrace.study import data_prefix
+
+        m, lay, neox = cell.model, cell.parallel, self.neox or {}
+        changed = [k for k in ("seq_length", "lr", "min_lr", "train_iters", "warmup_iters")
+                   if getattr(m, k) is not None]
+        if m.global_batch != DEFAULT_GLOBAL_BATCH:
+            changed.insert(0, "global_batch")
+        if changed:
+            raise RetraceError(
+                f"cell {cell.id}: engine neox runs the published GPT-NeoX config, but models.{m.name} sets "
+                f"{', '.join(changed)}; drop it (or run this model with engine builtin/deepspeed)")
+        args: list = ["--reference", m.reference, "--start-step", m.start_step,
+                      "--data", data_prefix(cell.data, self.synthetic["seed"]), "--data-kind", cell.data.format,
+                      "--gpus", lay.gpus, "--pdbs", lay.pdbs, "--gas", lay.gas, "--attention", cell.attention,
+                      "--precision", cell.precision, "--steps", cell.steps, "--seed", cell.seed]
+        if m.recipe is not None:
+            args += ["--size", m.recipe]
+        if "deduped" in m.reference.lower():
+            args.append("--deduped")
+        place = self.placement(cell)
+        if place.nodes > 1:
+            args += ["--launcher", "slurm", "--gpus-per-node", self.cluster["gpus_per_node"]]
+        for key, flag in (("path", "--neox-path"), ("container", "--neox-container"),
+                          ("runtime", "--neox-runtime"), ("conda_env", "--neox-conda-env"),
+                          ("python", "--neox-python")):
+            if neox.get(key):
+                args += [flag, neox[key]]
+        for b in neox.get("binds") or ():
+            args += ["--neox-bind", b]
+        return [str(a) for a in args]
 
     def build_train_args(self, model: Model) -> list[str]:
         """The `retrace train` arguments of a built reference (models.<name>.build), but --out and --threads."""

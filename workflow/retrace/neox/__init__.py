@@ -7,6 +7,7 @@
     prepare_load                         a load directory whose `latest` names the start step
     run_cell / finish_cell               run it, then convert (below) and parse its log
     convert_run                          global_stepN dirs -> checkpoints/step{N}.safetensors + manifest.json
+    export_neox_checkpoint               HF/canonical weights -> a NeoX load dir (global_stepN + latest), mp 1
 
 No GPT-NeoX code is part of retrace; only its published configs (data) are.
 """
@@ -20,6 +21,7 @@ from typing import Any
 _EXPORTS = {
     "NeoXConfig": "config", "Override": "config", "neox_config": "config", "write_neox_config": "config",
     "CastReader": "convert", "convert_run": "convert", "parse_neox_log": "convert", "write_train_log": "convert",
+    "export_neox_checkpoint": "export",
     "Correction": "published", "PublishedConfig": "published", "published_config": "published",
     "LaunchPlan": "runner", "NeoXEnv": "runner", "finish_cell": "runner", "launch_plan": "runner",
     "prepare_load": "runner", "run_cell": "runner",
