@@ -9,10 +9,7 @@ The grid features the studies need (models.<name>.data, engine neox) are checked
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 
@@ -22,32 +19,10 @@ import yaml
 
 from retrace.errors import RetraceError
 from retrace.grid import checkpoint_steps, load_study
+from snakemake_runner import ROOT, job_counts, snakemake
 
-ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "studies"
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
 SLURM = ["--profile", str(ROOT / "profiles" / "slurm")]
-
-
-def snakemake(*args: str, workdir: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
-    return subprocess.run([*SNAKEMAKE, "-d", str(workdir), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """Rule → jobs, from the 'job count' table of a dry run (the first one printed)."""
-    counts, table = {}, False
-    for line in output.splitlines():
-        if re.match(r"^job\s+count$", line):
-            table = True
-            continue
-        if table and not line.startswith("-"):
-            m = re.match(r"^(\w+)\s+(\d+)$", line)
-            if not m or m.group(1) == "total":
-                break
-            counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 def jobs_of(output: str, rule: str) -> list[dict[str, str]]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import subprocess
-import sys
 import time
 from base64 import urlsafe_b64encode
 from contextlib import redirect_stdout
@@ -18,30 +16,7 @@ import yaml
 
 from retrace import study as layout
 from retrace.grid import load_study
-
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
-
-
-def snakemake(*args: str, workdir: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
-    return subprocess.run([*SNAKEMAKE, "-d", str(workdir), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The 'job count' table of a dry run."""
-    counts, table = {}, False
-    for line in output.splitlines():
-        if re.match(r"^job\s+count$", line):
-            table = True
-            continue
-        if table and not line.startswith("-"):
-            m = re.match(r"^(\w+)\s+(\d+)$", line)
-            if not m or m.group(1) == "total":
-                break
-            counts[m.group(1)] = int(m.group(2))
-    return counts
+from snakemake_runner import ROOT, job_counts, snakemake
 
 
 def scheduled(output: str, rule: str) -> list[dict[str, str]]:
