@@ -34,6 +34,12 @@ def test_recipe_overrides_for_tiny_studies():
     assert (r.size, r.global_batch, r.seq_length, r.train_iters, r.lr) == ("70m", 32, 128, 200, 1e-3)
     assert r.warmup_steps == 2  # 0.01 · 200
     assert recipe_for("70m", warmup_iters=7).warmup_steps == 7
+    # v1.0 keeps warmup·E as a float: with E = 250, W = 2.5, so n = 2 is still warmup (lr·2/2.5)
+    # and n = 3 is on the cosine with n' − W = 0.5.
+    odd = recipe_for("70m", train_iters=250)
+    assert odd.warmup_steps == 2.5
+    assert lr_at(2, odd) == odd.lr * 2 / 2.5
+    assert lr_at(3, odd) == max(odd.min_lr, odd.lr / 2 * (1 + math.cos(math.pi * 0.5 / 250)))
     with pytest.raises(RetraceError, match="unknown recipe size"):
         recipe_for("71m")
     with pytest.raises(RetraceError, match="unknown recipe field"):

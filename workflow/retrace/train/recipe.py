@@ -64,11 +64,12 @@ class Recipe:
         return self.lr_decay_iters if self.lr_decay_iters is not None else self.train_iters
 
     @property
-    def warmup_steps(self) -> int:
-        """W in the v1.0 formula: ``warmup_iters`` if set, else ``warmup · lr_decay_iters`` (1430)."""
+    def warmup_steps(self) -> float:
+        """W in the v1.0 formula: ``warmup_iters`` if set, else ``warmup · lr_decay_iters`` (1430.0 for
+        Pythia), kept as a float as v1.0's ``warmup_iter`` is (0.01 · 250 = 2.5 warms up over 2.5 steps)."""
         if self.warmup_iters is not None:
-            return int(self.warmup_iters)
-        return int(self.warmup * self.decay_iters)
+            return float(self.warmup_iters)
+        return self.warmup * self.decay_iters
 
     @property
     def initial_loss_scale(self) -> float:
