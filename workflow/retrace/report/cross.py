@@ -42,6 +42,18 @@ _MISSING_MARKS = ("has no revision", "not in the local Hub cache", "no such file
 Progress = Callable[[str, str, int, int], Any]
 
 
+def _open_unless_missing(spec: str, cache_dir):
+    """(reader, "") or, when that checkpoint does not exist, (None, "missing: …"); other errors raise."""
+    from retrace.checkpoints import open_params  # torch: imported when a comparison runs
+
+    try:
+        return open_params(spec, cache_dir=cache_dir), ""
+    except RetraceError as exc:
+        if not _is_missing(exc):
+            raise
+        return None, f"missing: {exc}"
+
+
 def _is_missing(exc: RetraceError) -> bool:
     text = str(exc)
     return any(mark in text for mark in _MISSING_MARKS)
@@ -72,7 +84,6 @@ def cross_compare(
 ) -> pd.DataFrame:
     """``model@step{N}`` vs ``other@step{N}`` for each other repo in ``against`` and each step (see the
     module doc). Rows in the order of ``against``, then ``steps``."""
-    from retrace.checkpoints import open_params
     from retrace.similarity import compare_params
 
     if not against:
@@ -87,20 +98,14 @@ def cross_compare(
             if progress is not None:
                 progress(a_spec, b_spec, index, total)
             index += 1
-            try:
-                ra = open_params(a_spec, cache_dir=cache_dir)
-            except RetraceError as exc:
-                if not _is_missing(exc):
-                    raise
-                rows.append(_row(model, other, step, f"missing: {exc}"))
+            ra, missing = _open_unless_missing(a_spec, cache_dir)
+            if ra is None:
+                rows.append(_row(model, other, step, missing))
                 continue
             with ra:
-                try:
-                    rb = open_params(b_spec, cache_dir=cache_dir)
-                except RetraceError as exc:
-                    if not _is_missing(exc):
-                        raise
-                    rows.append(_row(model, other, step, f"missing: {exc}"))
+                rb, missing = _open_unless_missing(b_spec, cache_dir)
+                if rb is None:
+                    rows.append(_row(model, other, step, missing))
                     continue
                 with rb:
                     result = compare_params(ra, rb, intersection=intersection)
