@@ -1,27 +1,34 @@
 """θ Cos and L2 between two parameter sets, streamed tensor by tensor in float64.
 
-Everything is computed from three float64 sums per tensor — ``Σa²``, ``Σb²`` and ``Σ(a−b)²`` — plus
-``Σa``, ``Σb`` (for the standard deviations) and ``max |a−b|``. The totals over all parameters
-flattened are the sums of the per-tensor sums, so one pass over the two checkpoints gives both
+Everything is computed from four float64 sums per tensor — ``Σa²``, ``Σb²``, ``Σ(a−b)²`` and
+``Σ(a−b)(a+b)`` — plus ``Σa``, ``Σb`` (for the standard deviations) and ``max |a−b|``. The totals over all
+parameters flattened are the sums of the per-tensor sums, so one pass over the two checkpoints gives both
 the per-tensor rows and θ Cos / L2 of the whole model.
 
 Accuracy. ``1 − cos`` is never formed as ``1 − a·b/(‖a‖‖b‖)``: near cos = 1 that subtraction cancels
 every significant digit (at 1 − cos = 1e-12 a float64 dot product keeps about four). It is derived
 from the distance instead::
 
-    1 − cos = (‖a−b‖² − (‖a‖ − ‖b‖)²) / (2‖a‖‖b‖)
+    1 − cos = (‖a−b‖² − (‖a‖ − ‖b‖)²) / (2‖a‖‖b‖),   ‖a‖ − ‖b‖ = Σ(a−b)(a+b) / (‖a‖ + ‖b‖)
 
-which is an identity (expand ‖a−b‖² = ‖a‖² + ‖b‖² − 2a·b). ``‖a−b‖²`` is a sum of non-negative terms,
-so its float64 relative error stays near the rounding unit whatever its size, and ``(‖a‖ − ‖b‖)²`` is
-at most ``‖a−b‖²`` (triangle inequality). The rounding errors of the sums (relative δ ≈ 1e-16 each)
-enter ``1 − cos`` as an absolute error of order δ·(1 − cos + |‖a‖ − ‖b‖| / min(‖a‖, ‖b‖)): for
-near-identical parameter sets (norms equal to ~1e-3) that is 1e-7 relative or better even at
-1 − cos = 1e-12, and unless the norms differ by more than a factor of ~100 it stays below 1e-14
-absolute, far below the 1e-9 the comparisons need. The textbook
-formula's error is δ absolute instead, 1e-4 relative at 1 − cos = 1e-12. tests/test_similarity.py
-checks both regimes against exact rational arithmetic.
-``cos`` is then ``1 − (1 − cos)``. Rounding can push the numerator a hair below zero for parallel
-vectors; ``1 − cos`` is clamped to [0, 2].
+both identities (expand ‖a−b‖² = ‖a‖² + ‖b‖² − 2a·b, and ‖a‖² − ‖b‖² = Σ(a−b)(a+b)). ``‖a−b‖²`` is a sum
+of non-negative terms, so its float64 relative error δ stays near the rounding unit whatever its size;
+``(‖a‖ − ‖b‖)²`` is at most ``‖a−b‖²`` (triangle inequality), and taking the norm difference from
+``Σ(a−b)(a+b)`` (whose error is δ·Σ|a−b||a+b| ≤ δ·‖a−b‖(‖a‖+‖b‖)) instead of subtracting two rounded
+norms keeps its absolute error at δ·‖a−b‖². So the absolute error of ``1 − cos`` is of order
+
+    δ · (1 − cos + (‖a‖ − ‖b‖)² / (‖a‖‖b‖))
+
+— relative δ when the norms are close (near-identical checkpoints), never worse than δ absolute.
+What δ is: a float64 sum of m non-negative terms, in any order a BLAS may choose, has relative error
+at most (m − 1)·u with u = 2⁻⁵³ (Higham, *Accuracy and Stability of Numerical Algorithms*, §4.2); the
+dot products here run over at most ``CHUNK`` elements and the chunk sums are combined with
+``math.fsum`` (correctly rounded), so δ ≤ CHUNK·u ≈ 3e-11 on every CPU, and in practice (rounding errors
+of random sign) about √m·u ≈ 1e-14. The textbook formula's error is δ absolute instead, 1e-4 relative
+at 1 − cos = 1e-12. tests/test_similarity.py checks both regimes against exact rational arithmetic.
+``cos`` is then ``1 − (1 − cos)``. Identical inputs give exactly 0 (every difference is 0, and Σa² and Σb²
+are the same computation on the same values). Parallel vectors of different norms give a value within
+a few δ of 0, on either side (which side depends on the CPU's BLAS); ``1 − cos`` is clamped to [0, 2].
 
 The differences are formed in float64, where they are exact for fp16 inputs: every fp16 value is an
 integer multiple of 2⁻²⁴ below 2¹⁶ in magnitude, so a difference of two needs at most 41 significant
@@ -30,7 +37,7 @@ part of the computation runs in float32. For fp32/bf16 inputs the float64 differ
 correctly rounded (relative error ≤ 2⁻⁵³ per term), which is all a sum of squares needs.
 
 Memory and speed. Each tensor pair is read once and walked in chunks of ``CHUNK`` elements that are
-converted into three reused float64 buffers (a, b, a−b; 2 MiB each, so they stay in cache), on which
+converted into four reused float64 buffers (a, b, a−b, a+b; 2 MiB each, so they stay in cache), on which
 BLAS dot products (``torch.dot``) and one-pass reductions run. Pieces of ``TASK`` elements are summed
 on one thread per core (``_Workers``). Peak memory is a few tensor pairs in their stored dtype
 (memory-mapped pages for safetensors files) plus those buffers: the largest pair of a 12B model (its
@@ -89,6 +96,7 @@ class _Sums(NamedTuple):
     saa: float  # Σ a²
     sbb: float  # Σ b²
     sdd: float  # Σ (a − b)²
+    sds: float  # Σ (a − b)(a + b) = Σ a² − Σ b², without the cancellation
     sa: float  # Σ a
     sb: float  # Σ b
     max_abs: float  # max |a − b|
@@ -218,15 +226,16 @@ def _row(t: TensorSimilarity) -> dict[str, Any]:
 # The arithmetic
 
 
-def one_minus_cos_from_sums(saa: float, sbb: float, sdd: float) -> float:
-    """``1 − cos`` from ``‖a‖²``, ``‖b‖²`` and ``‖a−b‖²`` without cancellation near cos = 1.
+def one_minus_cos_from_sums(saa: float, sbb: float, sdd: float, sds: float) -> float:
+    """``1 − cos`` from ``‖a‖²``, ``‖b‖²``, ``‖a−b‖²`` and ``Σ(a−b)(a+b)`` without cancellation near cos = 1.
 
     NaN when either norm is zero (the angle is undefined); clamped to [0, 2] otherwise.
     """
     na, nb = math.sqrt(saa), math.sqrt(sbb)
     if na == 0.0 or nb == 0.0:
         return math.nan
-    x = (sdd - (na - nb) ** 2) / (2.0 * na * nb)
+    norm_gap = sds / (na + nb)  # ‖a‖ − ‖b‖
+    x = (sdd - norm_gap * norm_gap) / (2.0 * na * nb)
     # Comparisons are False for NaN, so NaN inputs stay NaN.
     if x < 0.0:
         return 0.0
@@ -236,7 +245,7 @@ def one_minus_cos_from_sums(saa: float, sbb: float, sdd: float) -> float:
 
 
 class _Workspace:
-    """Three reusable float64 chunk buffers (a, b, a − b) per device."""
+    """Four reusable float64 chunk buffers (a, b, a − b, a + b) per device."""
 
     def __init__(self, chunk: int = CHUNK):
         self.chunk = chunk
@@ -245,7 +254,7 @@ class _Workspace:
     def get(self, device: torch.device) -> torch.Tensor:
         buf = self._buffers.get(device)
         if buf is None:
-            buf = self._buffers[device] = torch.empty(3, self.chunk, dtype=torch.float64, device=device)
+            buf = self._buffers[device] = torch.empty(4, self.chunk, dtype=torch.float64, device=device)
         return buf
 
 
@@ -274,12 +283,14 @@ def tensor_sums(a: torch.Tensor, b: torch.Tensor, workspace: _Workspace | None =
         xa = x if x.dtype == f64 else buf[0, :m].copy_(x)
         yb = y if y.dtype == f64 else buf[1, :m].copy_(y)
         d = torch.sub(xa, yb, out=buf[2, :m])
+        s = torch.add(xa, yb, out=buf[3, :m])
         parts.append(
             torch.stack(
                 (
                     torch.dot(xa, xa),
                     torch.dot(yb, yb),
                     torch.dot(d, d),
+                    torch.dot(d, s),
                     xa.sum(),
                     yb.sum(),
                     *torch.aminmax(d),
@@ -287,9 +298,9 @@ def tensor_sums(a: torch.Tensor, b: torch.Tensor, workspace: _Workspace | None =
             )
         )
     if not parts:
-        return _Sums(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return _Sums(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     cols = torch.stack(parts).T.tolist()
-    return _Sums(n, *(math.fsum(c) for c in cols[:5]), _nanmax([*cols[6], *(-v for v in cols[5])]))
+    return _Sums(n, *(math.fsum(c) for c in cols[:6]), _nanmax([*cols[7], *(-v for v in cols[6])]))
 
 
 def _nanmax(values) -> float:
@@ -303,7 +314,7 @@ def _combine(parts: list[_Sums]) -> _Sums:
     if len(parts) == 1:
         return parts[0]
     fields = list(zip(*parts, strict=True))
-    return _Sums(sum(fields[0]), *(math.fsum(f) for f in fields[1:6]), _nanmax(fields[6]))
+    return _Sums(sum(fields[0]), *(math.fsum(f) for f in fields[1:7]), _nanmax(fields[7]))
 
 
 class _Workers:
@@ -369,7 +380,7 @@ def _std(s: float, ss: float, n: int) -> float:
 
 
 def _tensor_row(name: str, a: torch.Tensor, b: torch.Tensor, s: _Sums) -> TensorSimilarity:
-    omc = one_minus_cos_from_sums(s.saa, s.sbb, s.sdd)
+    omc = one_minus_cos_from_sums(s.saa, s.sbb, s.sdd, s.sds)
     # Identical values give Σ(a−b)² = 0; only then are the bytes worth comparing (NaN too).
     equal = False if s.sdd > 0 else _bitwise_equal(a, b)
     std_a, std_b = _std(s.sa, s.saa, s.n), _std(s.sb, s.sbb, s.n)
@@ -494,7 +505,8 @@ def compare_params(
     saa = math.fsum(s.saa for s in sums)
     sbb = math.fsum(s.sbb for s in sums)
     sdd = math.fsum(s.sdd for s in sums)
-    omc = one_minus_cos_from_sums(saa, sbb, sdd)
+    sds = math.fsum(s.sds for s in sums)
+    omc = one_minus_cos_from_sums(saa, sbb, sdd, sds)
     return SimilarityResult(
         source_a=ra.source,
         source_b=rb.source,
