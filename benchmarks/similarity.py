@@ -1,4 +1,4 @@
-"""Benchmark ``retrace.similarity.compare_params`` against a naive float64 NumPy pass and a plain read.
+"""Benchmark ``retrace.compare.similarity.compare_params`` against a naive float64 NumPy pass and a plain read.
 
 Writes two fp16 safetensors checkpoints of a Pythia-shaped model (default ~1 GB each, ~500M parameters:
 Pythia-410m's width with as many layers as the size allows) into a temporary directory, removed
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from retrace.checkpoints import open_params, save_params
-from retrace.similarity import compare_sources
-from retrace.sizes import ModelConfig, pythia_config
+from retrace.compare.similarity import compare_sources
+from retrace.pythia.sizes import ModelConfig, pythia_config
 
 
 def model_config(n_params: int) -> ModelConfig:

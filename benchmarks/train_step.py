@@ -29,9 +29,9 @@ import time
 import torch
 
 from retrace.model import GPTNeoX, ModelConfig, config_to_hf, init_weights, lm_loss, pythia_config
+from retrace.pythia.recipes import recipe_for
 from retrace.train.engine import BuiltinEngine
 from retrace.train.optim import decay_groups
-from retrace.train.recipe import recipe_for
 
 SHAPES = {
     "tiny": dict(n_layers=2, hidden=64, heads=4, vocab=512),  # the shape of reference/torch-deepspeed-cpu.md

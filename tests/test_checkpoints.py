@@ -36,7 +36,7 @@ from retrace.checkpoints import (
     zero_optimizer_files,
 )
 from retrace.errors import RetraceError
-from retrace.sizes import ModelConfig, config_to_hf
+from retrace.pythia.sizes import ModelConfig, config_to_hf
 
 CFG = ModelConfig(n_layers=2, hidden=32, heads=4, vocab=64, seq_len=32)
 MP = 2
@@ -741,7 +741,7 @@ def test_transformers_saved_model_loads(tmp_path, safe):
             for name in r.names():
                 assert torch.equal(r.get(name), sd[name]), (source, name)
             check_fits(r, CFG)
-    from retrace.sizes import config_from_hf
+    from retrace.pythia.sizes import config_from_hf
 
     assert config_from_hf(open_config(tmp_path / "hf")).param_shapes() == CFG.param_shapes()
 
@@ -784,7 +784,7 @@ def test_open_config(formats):
     assert open_config(formats["safetensors"])["hidden_size"] == CFG.hidden
     assert open_config(formats["safetensors-file"])["num_hidden_layers"] == CFG.n_layers
     neox = open_config(formats["neox-pipeline"])
-    from retrace.sizes import config_from_hf
+    from retrace.pythia.sizes import config_from_hf
 
     assert config_from_hf(neox).param_shapes() == CFG.param_shapes()
     assert neox["vocab_size"] == CFG.vocab and neox["use_parallel_residual"] is True

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from retrace.checkpoints import save_params
 from retrace.cli import main
-from retrace.similarity import TENSOR_COLUMNS, compare_sources
+from retrace.compare.similarity import TENSOR_COLUMNS, compare_sources
 
 EMB, OUT, BIAS, LN = (
     "gpt_neox.embed_in.weight",

@@ -1,4 +1,4 @@
-"""retrace.report.cross / `retrace cross-compare`: a model's checkpoints against other repos at the same steps.
+"""retrace.compare.cross / `retrace cross-compare`: a model's checkpoints against other repos at the same steps.
 
 Fixture repos live in a real huggingface_hub cache (publish_to_hub_cache), read offline:
 
@@ -20,9 +20,10 @@ import torch
 
 from retrace.checkpoints import publish_to_hub_cache, save_params
 from retrace.cli import main
+from retrace.compare.cross import COLUMNS, cross_compare
 from retrace.errors import RetraceError
 from retrace.report.build import build_report
-from retrace.report.cross import COLUMNS, cross_compare, render_wide, to_markdown
+from retrace.report.generations import render_wide, to_markdown
 
 NAMES = {"gpt_neox.embed_in.weight": (16, 8), "gpt_neox.layers.0.mlp.dense_h_to_4h.bias": (32,),
          "embed_out.weight": (16, 8)}

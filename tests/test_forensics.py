@@ -25,7 +25,7 @@ from retrace.forensics import (
     tensor_kind,
 )
 from retrace.model import GPTNeoX, init_weights
-from retrace.sizes import ModelConfig
+from retrace.pythia.sizes import ModelConfig
 
 CFG = ModelConfig(n_layers=2, hidden=64, heads=4, vocab=128, seq_len=32)
 RANDOM_KINDS = {"embedding", "qkv", "attn_dense", "mlp_in", "mlp_out", "head"}

@@ -125,8 +125,8 @@ def test_published_copies_match_the_reference_table(size, deduped):
 
 
 def test_published_agrees_with_registry_and_recipes():
-    from retrace.sizes import PYTHIA_SIZES
-    from retrace.train.recipe import PYTHIA_RECIPES
+    from retrace.pythia.recipes import PYTHIA_RECIPES
+    from retrace.pythia.sizes import PYTHIA_SIZES
 
     for size in PUBLISHED_SIZES:
         a = published_config(size).normalized()
@@ -490,7 +490,7 @@ def test_conversion_gives_the_tensors_read_directly(tmp_path):
     assert {k for k in m} >= {"steps", "files", "final_step", "start_step", "reference", "dtype", "final_loss",
                               "written"}  # what retrace train writes
     assert (m["final_step"], m["start_step"], m["dtype"], m["producer"]) == (8, 4, "float16", "gpt-neox")
-    from retrace.train.state import sha256_file
+    from retrace.io import sha256_file
 
     for f, src in ((m["files"][0], load / "global_step4"), (m["files"][1], save / "global_step8")):
         path = manifest.parent / f["file"]

@@ -1,4 +1,4 @@
-"""retrace.similarity against exact rational arithmetic, and its edge cases.
+"""retrace.compare.similarity against exact rational arithmetic, and its edge cases.
 
 The exact reference turns every stored float (fp16, bf16, fp32, fp64 values of tests) into the integer
 ``value · 2¹⁴⁹`` — all of them are integer multiples of 2⁻¹⁴⁹ — so Σa², Σb², Σab and Σ(a−b)² are exact
@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from retrace.checkpoints import DictReader, open_params
-from retrace.errors import RetraceError
-from retrace.similarity import (
+from retrace.compare.similarity import (
     CHUNK,
     TASK,
     TENSOR_COLUMNS,
@@ -30,6 +29,7 @@ from retrace.similarity import (
     one_minus_cos_from_sums,
     tensor_sums,
 )
+from retrace.errors import RetraceError
 
 SCALE = 149  # every fp16/bf16/fp32 value is an integer multiple of 2**-149
 
@@ -146,7 +146,7 @@ def sum_bound(m: int) -> float:
 @pytest.mark.parametrize("scale", [1.001, 1.1, 2.0])
 @pytest.mark.parametrize("target", [1e-8, 1e-12])
 def test_error_bound_when_the_norms_differ(scale, target):
-    """b = scale·a + noise: the absolute error stays within the bound of retrace.similarity's docstring,
+    """b = scale·a + noise: the absolute error stays within the bound of retrace.compare.similarity's docstring,
     3δ·(1 − cos + (‖a‖−‖b‖)²/(‖a‖‖b‖)) with δ the guaranteed relative error of a 2¹⁶-term sum; and within
     1e-6 relative for norms equal to 1e-3 (the norm difference taken from Σ(a−b)(a+b), not from two
     rounded norms: subtracting the norms left 0.55e-6 here, a margin a different BLAS could eat)."""
@@ -379,7 +379,7 @@ def test_streaming_memory_stays_at_the_chunk_buffers(workers):
 
     code = """
 import resource, torch
-from retrace.similarity import compare_params
+from retrace.compare.similarity import compare_params
 torch.set_num_threads(1)
 a = torch.randn(4000, 5000, dtype=torch.float16)
 b = torch.randn(4000, 5000, dtype=torch.float16)

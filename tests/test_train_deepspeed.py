@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("deepspeed")
 
+from retrace.compare.similarity import compare_params  # noqa: E402
 from retrace.errors import RetraceError  # noqa: E402
-from retrace.similarity import compare_params  # noqa: E402
 from retrace.train import TrainConfig, train  # noqa: E402
 from test_train_helpers import SEQ, B, load_ckpt, make_data, make_reference, masters  # noqa: E402
 

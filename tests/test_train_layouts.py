@@ -72,7 +72,7 @@ def test_three_layouts_same_samples_close_weights(world):
         assert run["distributed"]["world_size"] == gpus
         assert run["distributed"]["backend"] == ("gloo" if gpus > 1 else None)
 
-    from retrace.similarity import compare_params
+    from retrace.compare.similarity import compare_params
 
     base = world / "2x4x1"
     for other in ("2x2x2", "1x2x4"):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from retrace.model import GPTNeoX, init_weights, lm_loss
+from retrace.pythia.recipes import lr_at, recipe_for
 from retrace.train.engine import BuiltinEngine
 from retrace.train.optim import decay_groups
-from retrace.train.recipe import lr_at, recipe_for
 from test_train_helpers import tiny_config
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from retrace.errors import RetraceError
 from retrace.model import PYTHIA_SIZES
-from retrace.train.recipe import PYTHIA_RECIPES, lr_at, lr_v1, pythia_save_steps, recipe_for
+from retrace.pythia.recipes import PYTHIA_RECIPES, lr_at, lr_v1, recipe_for
+from retrace.pythia.schedule import save_steps as pythia_save_steps
 from retrace.train.scaler import LossScaler
 
 

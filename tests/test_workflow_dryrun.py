@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from retrace import study as layout
+from retrace import paths as layout
 from retrace.grid import load_study
 from snakemake_runner import ROOT, job_counts, snakemake
 

@@ -1,7 +1,7 @@
 """Step-0 forensics: are two checkpoints the same initialisation, the same scheme with other random
 numbers, or a different scheme? ``forensics(a, b)`` answers in one call.
 
-It runs ``retrace.similarity.compare_params`` and reads the per-tensor rows by *kind* of tensor
+It runs ``retrace.compare.similarity.compare_params`` and reads the per-tensor rows by *kind* of tensor
 (embedding, qkv, attention dense, MLP in/out, head, LayerNorm weights/biases, linear biases):
 
 * which tensors are equal (value-equal; bitwise when the dtypes match), per kind;
@@ -47,8 +47,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from retrace.compare.similarity import ParamSource, SimilarityResult, TensorSimilarity, compare_params
 from retrace.io import json_safe
-from retrace.similarity import ParamSource, SimilarityResult, TensorSimilarity, compare_params
 
 IDENTICAL = "identical"
 PARTIAL = "partially identical"

@@ -135,8 +135,8 @@ class Model:
         return self.reference
 
     def recipe_values(self):
-        """The training recipe with this model's overrides (retrace.train.recipe.Recipe)."""
-        from retrace.train.recipe import recipe_for
+        """The training recipe with this model's overrides (retrace.pythia.recipes.Recipe)."""
+        from retrace.pythia.recipes import recipe_for
 
         return recipe_for(self.recipe, global_batch=self.global_batch, seq_length=self.seq_length,
                           train_iters=self.train_iters)
@@ -308,7 +308,7 @@ class Study:
         own (index maps seeded by the cell's seed, on the raw corpus). Across nodes the cell uses
         DeeperSpeed's slurm launcher (``--launcher slurm``), which runs ``srun`` itself.
         """
-        from retrace.study import data_prefix
+        from retrace.paths import data_prefix
 
         m, lay, neox = cell.model, cell.parallel, self.neox or {}
         changed = [k for k in ("seq_length", "lr", "min_lr", "train_iters", "warmup_iters")
@@ -341,14 +341,14 @@ class Study:
 
     def build_train_args(self, model: Model) -> list[str]:
         """The `retrace train` arguments of a built reference (models.<name>.build), but --out and --threads."""
-        from retrace.study import build_init_dir
+        from retrace.paths import build_init_dir
 
         b = model.build
         return self._train_args(model, b.data, b.parallel, b.attention, b.precision, "builtin", b.steps, b.seed,
                                 build_init_dir(b.init_key), 0)
 
     def _train_args(self, m, data, lay, attention, precision, engine, steps, seed, reference, start_step):
-        from retrace.study import data_prefix
+        from retrace.paths import data_prefix
 
         args = ["--reference", reference, "--start-step", start_step,
                 "--data", data_prefix(data, self.synthetic["seed"]), "--data-kind", data.format,
@@ -606,7 +606,7 @@ def _check_model_data(axes: dict[str, list], baseline: dict[str, Any], design: s
 
 
 def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fail) -> Model:
-    from retrace.train.recipe import RECIPE_SIZES, normalize_size, recipe_for
+    from retrace.pythia.recipes import RECIPE_SIZES, normalize_size, recipe_for
 
     recipe = spec.get("recipe")
     try:
@@ -703,7 +703,7 @@ def _check_cells(study: Study, fail, root: Path) -> None:
 
 
 def _recipe_seq_length(m: Model) -> int:
-    from retrace.train.recipe import recipe_for
+    from retrace.pythia.recipes import recipe_for
 
     return recipe_for(m.recipe).seq_length if m.recipe else 2048
 
@@ -759,6 +759,6 @@ def checkpoint_steps(start: int, end: int) -> list[int]:
 
 @functools.lru_cache(maxsize=4096)
 def _save_steps(start: int, end: int) -> tuple[int, ...]:
-    from retrace.train.recipe import pythia_save_steps
+    from retrace.pythia.schedule import save_steps
 
-    return tuple(pythia_save_steps(start, end))
+    return tuple(save_steps(start, end))

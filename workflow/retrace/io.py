@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written checkpoint, table or index.
+"""Atomic file writes (a reader never sees a half-written checkpoint, table or index) and file hashes.
 
 Everything is written to a temporary file in the destination directory and renamed over the
 target only after it is complete and flushed, so a crash leaves either the old file or nothing.
@@ -7,6 +7,7 @@ target only after it is complete and flushed, so a crash leaves either the old f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -71,6 +72,15 @@ def write_parquet(path: str | os.PathLike, frame: Any) -> None:
     """Write a pandas DataFrame as Parquet (pyarrow), atomically."""
     with atomic_path(path, suffix=".parquet") as tmp:
         frame.to_parquet(tmp, engine="pyarrow", index=False)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    """The sha256 of a file, read in chunks (the hash the Hub records for LFS files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def default_file_mode() -> int:

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from retrace.errors import RetraceError
-from retrace.sizes import (  # noqa: F401 - re-exported: retrace.model is the public home of these
+from retrace.pythia.sizes import (  # noqa: F401 - re-exported: retrace.model is the public home of these
     ATTENTION_KINDS,
     GELU_KINDS,
     INIT_KINDS,

@@ -1,5 +1,5 @@
 # Shared by every rule: the study (cells), wildcard constraints, paths and the input/param/resource
-# functions. All logic is in retrace.grid / retrace.study (pure Python, unit-tested); these are wrappers.
+# functions. All logic is in retrace.grid / retrace.paths (pure Python, unit-tested); these are wrappers.
 import shlex
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ _PKG_DIR = Path(workflow.basedir) / "workflow"
 if str(_PKG_DIR) not in sys.path:
     sys.path.insert(0, str(_PKG_DIR))
 
-from retrace import study as layout
+from retrace import paths as layout
 from retrace.grid import CELL_ID_PATTERN, TOKEN, load_study
 
 STUDY = load_study(config, root=workflow.basedir)

@@ -18,7 +18,7 @@ from retrace.audit.metadata import (
     files_from_model_info,
     weight_kind,
 )
-from retrace.audit.schedule import (
+from retrace.pythia.schedule import (
     FINAL_STEP,
     PYTHIA_STEPS,
     format_revisions,

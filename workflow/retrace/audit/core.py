@@ -22,7 +22,7 @@ From metadata alone (``retrace.audit.metadata``: per-revision file lists with LF
 * ``main-not-final``: ``main`` and the final step branch hold different bytes.
 
 With ``weights=True`` (downloads/reads the weights): θ Cos between consecutive steps
-(``retrace.similarity.compare_params``) flags ``not-moving`` checkpoints (parameters equal to the previous
+(``retrace.compare.similarity.compare_params``) flags ``not-moving`` checkpoints (parameters equal to the previous
 step's, or 1 − cos ≤ ``still_threshold``, although the files differ) and ``backwards`` ones (closer to
 the anchor — the first non-clone checkpoint, normally step0 — than the previous checkpoint was; training
 moves weights away from their initialisation). Byte-identical pairs are not loaded (they are clones).
@@ -45,7 +45,8 @@ from retrace.audit.metadata import (
     RevisionMeta,
     family_entry,
 )
-from retrace.audit.schedule import (
+from retrace.errors import RetraceError
+from retrace.pythia.schedule import (
     FINAL_STEP,
     MAIN,
     PYTHIA_STEPS,
@@ -54,7 +55,6 @@ from retrace.audit.schedule import (
     revision_order,
     step_of,
 )
-from retrace.errors import RetraceError
 
 #: Incident kinds, in the order the summary lists them, with their headings.
 INCIDENT_KINDS = {
@@ -263,7 +263,7 @@ def _label(repo: str, revision: str, here: str) -> str:
 
 def make_source(*, offline: bool = False, cache_dir=None, api: Any = None) -> MetadataSource:
     """The metadata source: the local cache when ``offline`` (or ``HF_HUB_OFFLINE``), else the Hub."""
-    from retrace.checkpoints.hub import hub_offline
+    from retrace.hubenv import hub_offline
 
     if offline or hub_offline():
         return CacheMetadata(cache_dir)
@@ -612,7 +612,7 @@ def _family(node: _Node) -> str | None:
 
 
 def _check_weights(source, repos, by_repo, uf, main_final, incidents, notes, still_threshold, say) -> None:
-    from retrace.similarity import compare_params
+    from retrace.compare.similarity import compare_params
 
     readers = _Readers(source)
     unavailable: dict[str, list[str]] = defaultdict(list)

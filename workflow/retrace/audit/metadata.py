@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from retrace.checkpoints.hf import SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX
-from retrace.checkpoints.hub import hub_cache_dir, sha256_file
 from retrace.checkpoints.hubcache import is_lfs_file, read_tree_listing, repo_folder
 from retrace.errors import RetraceError
+from retrace.hubenv import hub_cache_dir
+from retrace.io import sha256_file
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _SHA1_RE = re.compile(r"^[0-9a-f]{40}$")

@@ -13,7 +13,7 @@ Pickles are only ever read with ``torch.load(weights_only=True)``.
 
 from retrace.checkpoints.base import BUFFER_SUFFIXES, DictReader, ParamReader, is_buffer_name
 from retrace.checkpoints.hf import SafetensorsReader, TorchBinReader
-from retrace.checkpoints.hub import HubSnapshot, hub_cache_dir, hub_offline, resolve_hub
+from retrace.checkpoints.hub import HubSnapshot, resolve_hub
 from retrace.checkpoints.hubcache import publish_dir_to_hub_cache, publish_to_hub_cache
 from retrace.checkpoints.names import canonical_hf_name, canonical_order
 from retrace.checkpoints.neox import (
@@ -35,6 +35,7 @@ from retrace.checkpoints.sources import (
     parse_source,
 )
 from retrace.checkpoints.torchload import OpaqueObject, safe_torch_load
+from retrace.hubenv import hub_cache_dir, hub_offline
 
 __all__ = [
     "BUFFER_SUFFIXES",

@@ -24,6 +24,8 @@ from retrace.checkpoints.hf import SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TO
 from retrace.checkpoints.hubcache import read_tree_listing
 from retrace.checkpoints.neox import LAYER_FILE_RE, MP_FILE_RE
 from retrace.errors import RetraceError
+from retrace.hubenv import hub_cache_dir, hub_offline
+from retrace.io import sha256_file
 
 CONFIG = "config.json"
 
@@ -45,29 +47,6 @@ NEOX_PATTERNS = [
     "*configs/*.yaml",
 ]
 NEOX_OPTIMIZER_PATTERNS = ["*zero_pp_rank_*_mp_rank_*_optim_states.pt"]
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as the environment says now."""
-    if "HF_HUB_OFFLINE" in os.environ:
-        return _truthy(os.environ["HF_HUB_OFFLINE"])
-    return _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
-
-
-def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.path.expandvars(os.environ[var])).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
-    )
-    return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,14 +77,6 @@ def choose_format(filenames) -> tuple[str, list[str]] | None:
     ):
         return "", list(NEOX_PATTERNS)
     return None
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _matching(filenames, patterns) -> list[str]:

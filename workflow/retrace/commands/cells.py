@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "line, or a job of it was interrupted (a Snakemake incomplete marker, no Snakemake running, nothing "
             "changed for --recent seconds); running = an incomplete marker while Snakemake holds its lock or "
             "the cell's files changed within --recent seconds; pending = the rest (not started, partly "
-            "trained, or trained and not yet compared). See retrace.study."
+            "trained, or trained and not yet compared). See retrace.cell_state."
         ),
     )
     p.add_argument("--configfile", default="config.yaml", help="the study config (default: config.yaml)")
@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from collections import Counter
     from pathlib import Path
 
+    from retrace.cell_state import RECENT_SECONDS, cell_state
     from retrace.grid import load_study
-    from retrace.study import RECENT_SECONDS, cell_state
 
     workdir = Path(args.directory)
     config = Path(args.configfile)

@@ -64,8 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from retrace.compare.similarity import compare_sources
     from retrace.errors import RetraceError
-    from retrace.similarity import compare_sources
 
     if args.top is not None and args.top < 0:
         raise RetraceError(f"--top must be >= 0, got {args.top}")

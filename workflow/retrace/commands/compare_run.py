@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrace.report.compare_run import write_compare_run
+    from retrace.compare.run import write_compare_run
 
     tensors_out = args.tensors_out or Path(args.out).with_name("similarity_tensors.parquet")
     write_compare_run(args.run, args.reference, args.out, tensors_out, args.reference_dir)

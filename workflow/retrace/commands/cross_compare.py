@@ -1,6 +1,6 @@
 """``retrace cross-compare MODEL --against REPO…``: one model's checkpoints vs other repos at the same steps.
 
-Writes one row per (other repo, step) to ``--out`` (Parquet; columns of ``retrace.report.cross.COLUMNS``)
+Writes one row per (other repo, step) to ``--out`` (Parquet; columns of ``retrace.compare.cross.COLUMNS``)
 and optionally the blog-shaped table (rows = steps, θ Cos and L2 per other repo) to ``--markdown``;
 both atomically. A step that either side lacks is recorded with status ``missing: …``, not an error.
 """
@@ -42,8 +42,9 @@ def _progress(a: str, b: str, index: int, total: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from retrace.compare.cross import cross_compare
     from retrace.io import atomic_open, write_parquet
-    from retrace.report.cross import cross_compare, to_markdown
+    from retrace.report.generations import to_markdown
 
     frame = cross_compare(args.model, args.against, args.steps, cache_dir=args.cache_dir,
                           intersection=args.intersection, progress=_progress)

@@ -96,7 +96,7 @@ def neox_env(args: argparse.Namespace):
 def resolve_size(args: argparse.Namespace, source: str) -> str:
     """--size, else the Pythia size in --reference's name, else the one of its shape."""
     from retrace.errors import RetraceError
-    from retrace.sizes import pythia_size
+    from retrace.pythia.sizes import pythia_size
 
     if args.size:
         return pythia_size(args.size)
@@ -117,7 +117,7 @@ def prepare(args: argparse.Namespace) -> dict:
     from retrace.errors import RetraceError
     from retrace.neox.export import export_neox_checkpoint
     from retrace.neox.published import published_config
-    from retrace.sizes import config_from_hf, pythia_config
+    from retrace.pythia.sizes import config_from_hf, pythia_config
     from retrace.train.trainer import resolve_source
 
     env = neox_env(args)

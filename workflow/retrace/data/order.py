@@ -33,11 +33,8 @@ import numpy as np
 
 from retrace.errors import RetraceError
 from retrace.io import atomic_path
+from retrace.pythia.constants import GLOBAL_BATCH, NUM_SAMPLES_MARGIN, TRAIN_ITERS
 
-PYTHIA_TRAIN_ITERS = 143_000
-PYTHIA_GLOBAL_BATCH = 1024
-PYTHIA_SEQ_LENGTH = 2048
-PYTHIA_SEED = 1234
 #: Name GPT-NeoX gives the (single) training dataset in its index-map file names.
 NEOX_TRAIN_NAME = "train_0"
 
@@ -50,14 +47,14 @@ DEFAULT_MAX_EPOCHS = 1000
 _DOC_CHUNK = 1 << 22  # documents per chunk in build_sample_idx
 
 
-def neox_num_samples(train_iters: int, global_batch: int = PYTHIA_GLOBAL_BATCH, weight: float = 1.0) -> int:
+def neox_num_samples(train_iters: int, global_batch: int = GLOBAL_BATCH, weight: float = 1.0) -> int:
     """GPT-NeoX's sample count for one weighted training dataset: ceil(iters·batch·weight·1.005)."""
-    return int(math.ceil(train_iters * global_batch * weight * 1.005))
+    return int(math.ceil(train_iters * global_batch * weight * NUM_SAMPLES_MARGIN))
 
 
 def pythia_num_samples() -> int:
     """Pythia's training ``num_samples``: 143000 × 1024 × 1.005, rounded up = 147,164,160."""
-    return neox_num_samples(PYTHIA_TRAIN_ITERS, PYTHIA_GLOBAL_BATCH)
+    return neox_num_samples(TRAIN_ITERS, GLOBAL_BATCH)
 
 
 def num_tokens(sizes: np.ndarray, documents: np.ndarray | None = None) -> int:
@@ -300,7 +297,7 @@ def load_or_build_index_mappings(data_prefix: str | os.PathLike, sizes: np.ndarr
 # -- who reads what ------------------------------------------------------------------------------
 
 def batch_items(step: int, *, micro: int = 0, rank: int = 0, pdbs: int | None = None, gpus: int = 1,
-                global_batch: int = PYTHIA_GLOBAL_BATCH) -> np.ndarray:
+                global_batch: int = GLOBAL_BATCH) -> np.ndarray:
     """Dataset item ids read at ``step`` by data-parallel ``rank`` at micro-step ``micro``.
 
     GPT-NeoX v1.0: a SequentialSampler and a DistributedBatchSampler (interleave off) of batch

@@ -26,7 +26,6 @@ Everything is deterministic from ``seed`` (numpy's frozen ``RandomState``). Layo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -38,7 +37,8 @@ from retrace.data import order
 from retrace.data.indexed import IndexedDatasetBuilder, best_fitting_dtype
 from retrace.data.training import TrainingData, open_training_data
 from retrace.errors import RetraceError
-from retrace.io import write_json
+from retrace.io import sha256_file, write_json
+from retrace.pythia.constants import SEED
 
 EOD = 0
 NAME = "document"
@@ -53,7 +53,7 @@ class SynthConfig:
     vocab_size: int = 512
     seq_length: int = 128
     epochs: int = 2  # epochs of the index maps behind the preshuffled streams
-    index_seed: int = order.PYTHIA_SEED
+    index_seed: int = SEED
     dup_copies: int = 4  # occurrences of each planted document in standard
     planted_share: float = 0.5  # share of standard's tokens that are planted documents (all copies)
     common_successors: int = 6
@@ -161,16 +161,8 @@ def generate_corpus(cfg: SynthConfig) -> Corpus:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(prefix: Path, root: Path) -> dict[str, str]:
-    return {str(Path(f"{prefix}{s}").relative_to(root)): _sha256(Path(f"{prefix}{s}")) for s in (".bin", ".idx")}
+    return {str(Path(f"{prefix}{s}").relative_to(root)): sha256_file(Path(f"{prefix}{s}")) for s in (".bin", ".idx")}
 
 
 def preshuffle(raw_prefix: str | os.PathLike, out_prefix: str | os.PathLike, *, seq_length: int, seed: int,

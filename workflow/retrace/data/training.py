@@ -20,6 +20,7 @@ import numpy as np
 from retrace.data import order
 from retrace.data.indexed import IndexedDataset, split_prefix
 from retrace.errors import RetraceError
+from retrace.pythia.constants import GLOBAL_BATCH, SEED, SEQ_LENGTH
 
 KINDS = ("raw", "preshuffled")
 
@@ -53,7 +54,7 @@ class TrainingData:
     def __len__(self) -> int:
         return self._len
 
-    def check_enough(self, steps: int, global_batch: int = order.PYTHIA_GLOBAL_BATCH,
+    def check_enough(self, steps: int, global_batch: int = GLOBAL_BATCH,
                      start_step: int = 0) -> None:
         """Raise RetraceError unless steps ``[start_step, steps)`` at ``global_batch`` fit the data."""
         need = int(steps) * int(global_batch)
@@ -114,14 +115,14 @@ class TrainingData:
 
     # -- batches -------------------------------------------------------------------------------
     def batch_items(self, step: int, *, micro: int = 0, rank: int = 0, pdbs: int | None = None,
-                    gpus: int = 1, global_batch: int = order.PYTHIA_GLOBAL_BATCH) -> np.ndarray:
+                    gpus: int = 1, global_batch: int = GLOBAL_BATCH) -> np.ndarray:
         """Item ids read at ``step`` by ``rank`` at micro-step ``micro`` (see ``order.batch_items``)."""
         ids = order.batch_items(step, micro=micro, rank=rank, pdbs=pdbs, gpus=gpus, global_batch=global_batch)
         self._check_ids(ids)
         return ids
 
     def batch(self, step: int, *, micro: int = 0, rank: int = 0, pdbs: int | None = None, gpus: int = 1,
-              global_batch: int = order.PYTHIA_GLOBAL_BATCH) -> np.ndarray:
+              global_batch: int = GLOBAL_BATCH) -> np.ndarray:
         """Tokens of :meth:`batch_items`: int64 ``[n, seq_length + 1]``."""
         return self.samples(self.batch_items(step, micro=micro, rank=rank, pdbs=pdbs, gpus=gpus,
                                              global_batch=global_batch))
@@ -138,8 +139,8 @@ class TrainingData:
         return f"TrainingData({str(self.prefix)!r}, kind={self.kind!r}, items={self._len})"
 
 
-def open_training_data(prefix: str | os.PathLike, kind: str = "raw", seq_length: int = order.PYTHIA_SEQ_LENGTH,
-                       seed: int = order.PYTHIA_SEED, num_samples: int | None = None,
+def open_training_data(prefix: str | os.PathLike, kind: str = "raw", seq_length: int = SEQ_LENGTH,
+                       seed: int = SEED, num_samples: int | None = None,
                        shuffle_samples: bool = False, cache_dir: str | os.PathLike | None = None, *,
                        write_cache: bool = True, name: str = order.NEOX_TRAIN_NAME,
                        max_map_bytes: int | None = order.DEFAULT_MAX_MAP_BYTES, log=None) -> TrainingData:

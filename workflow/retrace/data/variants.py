@@ -40,7 +40,8 @@ from pathlib import Path
 
 from retrace.data.indexed import IndexedDataset, split_prefix
 from retrace.errors import RetraceError
-from retrace.io import _fsync_dir, _fsync_file, write_json
+from retrace.hubenv import hub_offline
+from retrace.io import _fsync_dir, _fsync_file, sha256_file, write_json
 
 DATA = ("standard", "deduped")
 KINDS = ("raw", "preshuffled")
@@ -215,19 +216,6 @@ def _marker_path(prefix: Path) -> Path:
     return Path(f"{prefix}.retrace.json")
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def _download(source: VariantSource, filename: str, revision: str, cache_dir, token) -> Path:
     from huggingface_hub import hf_hub_download
 
@@ -236,14 +224,14 @@ def _download(source: VariantSource, filename: str, revision: str, cache_dir, to
         kwargs["cache_dir"] = str(cache_dir)
     if token is not None:
         kwargs["token"] = token
-    if _offline():
+    if hub_offline():
         kwargs["local_files_only"] = True
     try:
         return Path(hf_hub_download(source.repo_id, filename, **kwargs))
     except Exception as exc:  # noqa: BLE001 - network, not-found, offline cache miss
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise RetraceError(f"{source.repo_id}@{revision}: cannot fetch {filename}"
-                           f"{' (offline: not in the Hugging Face cache)' if _offline() else ''}: "
+                           f"{' (offline: not in the Hugging Face cache)' if hub_offline() else ''}: "
                            f"{type(exc).__name__}: {first}") from exc
 
 

@@ -51,7 +51,7 @@ Corrections (reference/pythia-neox.md §1, §3, §6), each a ``Correction`` and 
 (README) unless the cell sets one; 6.9b/12b init keys written as the v1.0 defaults that were used
 (normal/scaled_normal, README erratum, pythia#135); 14m/31m's data path (deduped directory, standard
 file name) replaced by the cell's. The 1b yml's lr 0.00025 (README table 3e-4) is kept, as
-``retrace.train.recipe`` does, and reported as a note.
+``retrace.pythia.recipes`` does, and reported as a note.
 
 Not run here: GPT-NeoX itself (no GPU, no checkout). The YAML is checked against the published values
 and against v1.0's argument names and batch arithmetic (read from its source), not by v1.0.
@@ -222,7 +222,7 @@ def neox_config(
     ``precision`` None keeps the published (corrected) precision; ``extra`` sets further GPT-NeoX keys
     verbatim (listed as overrides). Raises ``RetraceError`` for an impossible cell.
     """
-    from retrace.sizes import pythia_config, pythia_size
+    from retrace.pythia.sizes import pythia_config, pythia_size
 
     size_key = pythia_size(size)
     deduped = bool(deduped or "-deduped" in str(size).lower())
@@ -301,12 +301,12 @@ def neox_config(
     if size_key == "1b":
         notes.append(
             "pythia-1b: the yml's lr 0.00025 is kept (the README table says 3.0e-4; which one ran is not "
-            "documented); retrace.train.recipe keeps 0.00025 too"
+            "documented); retrace.pythia.recipes keeps 0.00025 too"
         )
     if (n_layers, doc.get("hidden-size"), doc.get("num-attention-heads")) != (
         model.n_layers, model.hidden, model.heads
     ):  # pragma: no cover - the packaged data and the registry agree
-        raise RetraceError(f"{pub.file}: shape differs from retrace.sizes' pythia-{size_key}")
+        raise RetraceError(f"{pub.file}: shape differs from retrace.pythia.sizes' pythia-{size_key}")
 
     def override(key: str, value: Any, reason: str, *, comment: bool = True) -> None:
         before = doc.find(key)
@@ -409,13 +409,13 @@ def neox_config(
     for key, value in (extra or {}).items():
         override(str(key), value, "set by the study")
 
-    from retrace.train.recipe import pythia_save_steps
+    from retrace.pythia.schedule import save_steps
 
     header = _header(pub, corrections, gpus, pdbs, gas, mp, world, start_step, steps)
     return NeoXConfig(
         published=pub, doc=doc, header=header, corrections=corrections, overrides=overrides, notes=notes,
         data_parallel=gpus, model_parallel=mp, world_size=world, start_step=start_step, steps=steps,
-        save_steps=pythia_save_steps(start_step, steps), launcher=launcher,
+        save_steps=save_steps(start_step, steps), launcher=launcher,
     )
 
 

@@ -104,10 +104,10 @@ def convert_run(
     one ``RetraceError`` before anything is written.
     """
     from retrace.checkpoints import NeoXReader, save_params
-    from retrace.train.recipe import pythia_save_steps
-    from retrace.train.state import sha256_file
+    from retrace.io import sha256_file
+    from retrace.pythia.schedule import save_steps as schedule
 
-    wanted = sorted(set(save_steps) if save_steps is not None else pythia_save_steps(start_step, steps))
+    wanted = sorted(set(save_steps) if save_steps is not None else schedule(start_step, steps))
     sources: dict[int, Path] = {}
     missing = []
     for s in wanted:

@@ -56,7 +56,7 @@ from retrace.checkpoints.base import DictReader, ParamReader
 from retrace.checkpoints.names import neox_expected_indices, neox_rule
 from retrace.errors import RetraceError
 from retrace.io import atomic_open, atomic_path
-from retrace.sizes import ModelConfig
+from retrace.pythia.sizes import ModelConfig
 
 LAYOUTS = ("pipeline", "sequential")
 # Per transformer layer, in GPT-NeoX v1.0's state-dict order; the rotary buffer sits after the QKV.

@@ -317,8 +317,8 @@ def _syntax_corrections(name: str, source: str) -> tuple[Correction, ...]:
 
 
 def published_config(size: str, deduped: bool = False) -> PublishedConfig:
-    """The published config of ``pythia-{size}[-deduped]`` (size as in ``retrace.sizes``: "70m", "1.4b")."""
-    from retrace.sizes import pythia_size
+    """The published config of ``pythia-{size}[-deduped]`` (size as in ``retrace.pythia.sizes``: "70m", "1.4b")."""
+    from retrace.pythia.sizes import pythia_size
 
     key = pythia_size(size)
     if key not in PUBLISHED_SIZES:  # pragma: no cover - the registry and this list hold the same sizes

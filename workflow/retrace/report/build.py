@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from retrace.compare import cross as CROSS
 from retrace.errors import RetraceError
 from retrace.io import write_json
-from retrace.report import cross as CROSS
+from retrace.report import generations
 from retrace.report import tables as T
 from retrace.report.frames import DATA, MODEL, axis_columns, fmt_cos, fmt_num, read_parquet, show
 from retrace.report.trajectories import factor_figure, figure_name, trajectory_figure
@@ -213,9 +214,9 @@ def build_report(
         if cross is not None:
             cross.to_csv(tmp / "tables" / "cross_generation.csv", index=False)
             (tmp / "tables" / "cross_generation.md").write_text(
-                f"### Versus other generations\n\n{CROSS.to_markdown(cross)}", encoding="utf-8"
+                f"### Versus other generations\n\n{generations.to_markdown(cross)}", encoding="utf-8"
             )
-            cross_fragment = CROSS.to_html(cross)
+            cross_fragment = generations.to_html(cross)
 
         figures = []
         for model, sub in sim.groupby(MODEL, sort=True):

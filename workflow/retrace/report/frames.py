@@ -10,11 +10,9 @@ from typing import Any
 
 import pandas as pd
 
+from retrace.compare import METRICS
 from retrace.errors import RetraceError
 
-#: Columns of a similarity row (one checkpoint against its published counterpart). ``a`` is the
-#: reproduction, ``b`` the published reference.
-METRICS = ("cos", "one_minus_cos", "l2", "n_params", "norm_a", "norm_b", "max_abs_diff")
 #: Columns of the aggregated similarity table that are not axes of the grid.
 NON_AXIS = frozenset({"cell", "step", *METRICS})
 #: The axes that never become a factor table: ``model`` splits everything, ``data`` is the columns.

@@ -1,7 +1,5 @@
-"""The Pythia recipe and the trainer that resumes a published run (``retrace train``).
+"""The trainer that resumes a published run (``retrace train``); the recipe it follows is retrace.pythia.
 
-    recipe        per-size Pythia settings (lr, min_lr, batch layout, precision, ZeRO), overridable;
-                  the v1.0 LR formula and the checkpoint schedule
     scaler        DeepSpeed's dynamic loss scaler (2^12, window 1000, hysteresis 2, min 1)
     optim         weight-decay groups, flat buffers, apex-FusedAdam (AdamW mode) update
     engine        the builtin engine (DeepSpeed ZeRO-1 arithmetic in plain PyTorch; CPU fp16 too)
@@ -23,28 +21,6 @@ Starting from a Hugging Face checkpoint (weights only), Adam starts from zero mo
 LR counter at the start step; from a GPT-NeoX checkpoint with ZeRO files, both continue where it stopped.
 """
 
-from retrace.train.recipe import PYTHIA_RECIPES, Recipe, lr_at, pythia_save_steps, recipe_for
+from retrace.train.trainer import TrainConfig, TrainingInterrupted, TrainResult, train
 
-_TRAINER_NAMES = frozenset({"TrainConfig", "TrainingInterrupted", "TrainResult", "train"})
-
-
-def __getattr__(name: str):
-    """The trainer's names, imported on first use: it needs torch, the recipe (read by the workflow's
-    DAG for every job) does not."""
-    if name in _TRAINER_NAMES:
-        from retrace.train import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-__all__ = [
-    "PYTHIA_RECIPES",
-    "Recipe",
-    "TrainConfig",
-    "TrainResult",
-    "TrainingInterrupted",
-    "lr_at",
-    "pythia_save_steps",
-    "recipe_for",
-    "train",
-]
+__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "train"]

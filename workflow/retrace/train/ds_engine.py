@@ -31,10 +31,10 @@ from torch import nn
 
 from retrace.errors import RetraceError
 from retrace.model import lm_loss
+from retrace.pythia.recipes import Recipe, lr_at
 from retrace.train.distributed import free_port
 from retrace.train.engine import StepResult
 from retrace.train.optim import decay_groups
-from retrace.train.recipe import Recipe, lr_at
 
 
 def _destroy_process_group() -> None:

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch import nn
 
 from retrace.model import lm_loss
+from retrace.pythia.recipes import Recipe, lr_at
 from retrace.train.optim import FlatGroup, adam_step, decay_groups, flatten_groups
-from retrace.train.recipe import Recipe, lr_at
 from retrace.train.scaler import LossScaler
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

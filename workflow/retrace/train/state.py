@@ -14,7 +14,6 @@ previous one with a warning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -26,21 +25,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from retrace.io import atomic_path, write_json
+from retrace.io import atomic_path, sha256_file, write_json
 
 STATE_JSON = "state.json"
 _STEP_DIR = re.compile(r"^step(\d+)$")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:

@@ -32,10 +32,11 @@ from typing import Any
 import torch
 
 from retrace.errors import RetraceError
-from retrace.io import write_json, write_parquet
+from retrace.io import sha256_file, write_json, write_parquet
+from retrace.pythia.recipes import PYTHIA_RECIPES, Recipe, recipe_for
+from retrace.pythia.schedule import save_steps as pythia_schedule
 from retrace.train import state as st
 from retrace.train.distributed import DistEnv, detect, launch_local
-from retrace.train.recipe import PYTHIA_RECIPES, Recipe, pythia_save_steps, recipe_for
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 ENGINES = ("builtin", "deepspeed")
@@ -268,7 +269,7 @@ class Trainer:
         self.data.check_enough(cfg.steps, r.global_batch)
         self.hf_config = hf_config
         self.save_steps = sorted(set(cfg.save_steps) | {cfg.start_step, cfg.steps}) if cfg.save_steps else \
-            pythia_save_steps(cfg.start_step, cfg.steps)
+            pythia_schedule(cfg.start_step, cfg.steps)
         self.save_steps = [s for s in self.save_steps if cfg.start_step <= s <= cfg.steps]
         self._check_start_step()
         if not st.complete_steps(self.out / "state"):
@@ -551,7 +552,7 @@ class Trainer:
         path = ckpt_dir / f"step{step}.safetensors"
         save_params(engine.export_params(torch.float16), path,
                     metadata={"step": str(step), "reference": self.cfg.reference, "producer": "retrace train"})
-        return st.sha256_file(path)
+        return sha256_file(path)
 
     def _save_state(self, engine, step: int, hashes: dict, rows: list[dict]) -> None:
         root = self.out / "state"
@@ -637,7 +638,7 @@ class Trainer:
             path = ckpt_dir / name
             if not path.exists():
                 raise RetraceError(f"{path} is missing although step {s} was trained")
-            sha = hashes.get(str(s)) or st.sha256_file(path)
+            sha = hashes.get(str(s)) or sha256_file(path)
             files.append({"step": s, "file": name, "sha256": sha})
         manifest = ckpt_dir / "manifest.json"
         write_json(manifest, {"steps": list(self.save_steps), "files": files, "final_step": self.cfg.steps,

@@ -2,7 +2,7 @@
 
 154 step branches: ``step0``, the powers of two ``step1`` … ``step512`` (GPT-NeoX ``extra-save-iters``),
 then ``step1000`` … ``step143000`` every 1000 (``checkpoint-factor`` 1000 and the final save); ``main``
-holds the final step.
+holds the final step. A published checkpoint is named ``org/repo@step{N}`` everywhere (``hub_spec``).
 """
 
 from __future__ import annotations
@@ -11,17 +11,35 @@ import re
 from collections.abc import Iterable
 
 from retrace.errors import RetraceError
+from retrace.pythia.constants import TRAIN_ITERS
 
-FINAL_STEP = 143000
+#: The last published step of every Pythia run.
+FINAL_STEP = TRAIN_ITERS
 MAIN = "main"
+#: GPT-NeoX ``extra-save-iters``: 0 and the powers of two up to 512.
+EXTRA_SAVE_STEPS = (0, *(2**k for k in range(10)))
+#: GPT-NeoX ``checkpoint-factor``.
+CHECKPOINT_FACTOR = 1000
 
-_STEP_RE = re.compile(r"^step(\d+)$")
+_STEP_RE = re.compile(r"step(\d+)")
 
 
 def pythia_steps(max_step: int = FINAL_STEP) -> list[int]:
     """The Pythia checkpoint steps up to ``max_step`` (all 154 by default)."""
-    steps = [0, *(2**k for k in range(10)), *range(1000, FINAL_STEP + 1, 1000)]
+    steps = [*EXTRA_SAVE_STEPS, *range(CHECKPOINT_FACTOR, FINAL_STEP + 1, CHECKPOINT_FACTOR)]
     return [s for s in steps if s <= max_step]
+
+
+def save_steps(start: int, end: int) -> list[int]:
+    """Steps saved by a run from ``start`` to ``end``: the start, the Pythia schedule inside (start, end]
+    (1, 2, 4 … 512, then every 1000, continued past 143000 for longer runs), and ``end``."""
+    sched = {*EXTRA_SAVE_STEPS, *range(CHECKPOINT_FACTOR, end + 1, CHECKPOINT_FACTOR)}
+    return sorted({start, end} | {s for s in sched if start < s <= end})
+
+
+def hub_spec(repo: str, step: int) -> str:
+    """The source spec of a published checkpoint: ``org/repo@step{N}``."""
+    return f"{repo}@{revision_of(step)}"
 
 
 PYTHIA_STEPS = tuple(pythia_steps())
@@ -29,7 +47,7 @@ PYTHIA_STEPS = tuple(pythia_steps())
 
 def step_of(revision: str) -> int | None:
     """``stepN`` → N; anything else (``main``, other branches) → None."""
-    m = _STEP_RE.match(revision)
+    m = _STEP_RE.fullmatch(revision)
     return int(m.group(1)) if m else None
 
 

@@ -1,7 +1,7 @@
 """One published model's checkpoints against other repos at the same steps (the blog's "versus gen 1/2").
 
 ``cross_compare(model, against, steps)`` compares ``model@step{N}`` with ``other@step{N}`` for every
-other repo and step (``retrace.checkpoints.open_params`` + ``retrace.similarity.compare_params``) and
+other repo and step (``retrace.checkpoints.open_params`` + ``retrace.compare.similarity.compare_params``) and
 returns one row per (other, step)::
 
     model, other, step, cos, one_minus_cos, l2, n_params, bitwise_equal_tensors, n_tensors, status
@@ -12,8 +12,7 @@ ending the run, since generations were saved on different schedules (pythia-*-v0
 log-spaced steps). Any other failure (a corrupt download, parameter names or shapes that differ
 without ``intersection=True``) is an error.
 
-``render_wide`` turns the rows into the blog's table shape: one row per step, θ Cos and L2 per other
-repo; ``to_markdown``/``to_html`` format it.
+retrace.report.generations turns the rows into the blog's table shape.
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ from typing import Any
 import pandas as pd
 
 from retrace.errors import RetraceError
-from retrace.report import tables as T
-from retrace.report.frames import fmt_cos, fmt_num
+from retrace.pythia.schedule import hub_spec
 
 COLUMNS = ("model", "other", "step", "cos", "one_minus_cos", "l2", "n_params", "bitwise_equal_tensors",
            "n_tensors", "status")
@@ -59,10 +57,6 @@ def _is_missing(exc: RetraceError) -> bool:
     return any(mark in text for mark in _MISSING_MARKS)
 
 
-def _spec(repo: str, step: int) -> str:
-    return f"{repo}@step{step}"
-
-
 def _row(model: str, other: str, step: int, status: str, result=None) -> dict[str, Any]:
     if result is None:
         return {"model": model, "other": other, "step": step, "cos": math.nan, "one_minus_cos": math.nan,
@@ -84,7 +78,7 @@ def cross_compare(
 ) -> pd.DataFrame:
     """``model@step{N}`` vs ``other@step{N}`` for each other repo in ``against`` and each step (see the
     module doc). Rows in the order of ``against``, then ``steps``."""
-    from retrace.similarity import compare_params
+    from retrace.compare.similarity import compare_params
 
     if not against:
         raise RetraceError("cross_compare: no repos to compare against")
@@ -94,7 +88,7 @@ def cross_compare(
     rows, total, index = [], len(against) * len(steps), 0
     for other in against:
         for step in steps:
-            a_spec, b_spec = _spec(model, step), _spec(other, step)
+            a_spec, b_spec = hub_spec(model, step), hub_spec(other, step)
             if progress is not None:
                 progress(a_spec, b_spec, index, total)
             index += 1
@@ -120,62 +114,3 @@ def check_frame(frame: pd.DataFrame, where: str = "cross-generation table") -> p
     if missing:
         raise RetraceError(f"{where}: missing column(s) {', '.join(missing)}")
     return frame
-
-
-def _cell(row: pd.Series | None, what: str) -> str:
-    if row is None:
-        return "–"
-    if row["status"] != "ok":
-        return "missing"
-    if what == "cos":
-        return fmt_cos(float(row["one_minus_cos"]))
-    return fmt_num(float(row["l2"]))
-
-
-def render_wide(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows = steps, columns = θ Cos and L2 per other repo (one block per model when there are several),
-    formatted for people: θ Cos to enough decimals, L2 to 4 significant digits, ``missing`` where a side
-    lacks the step."""
-    check_frame(frame)
-    models = list(dict.fromkeys(frame["model"].astype(str)))
-    out_rows = []
-    columns = ["model", "step"] if len(models) > 1 else ["step"]
-    others_all: list[str] = []
-    for model in models:
-        for o in frame.loc[frame["model"] == model, "other"].astype(str):
-            if o not in others_all:
-                others_all.append(o)
-    for other in others_all:
-        columns += [f"θ Cos vs {other}", f"L2 vs {other}"]
-    for model in models:
-        sub = frame[frame["model"] == model]
-        by_key = {(str(r["other"]), int(r["step"])): r for _, r in sub.iterrows()}
-        for step in sorted(sub["step"].astype(int).unique()):
-            row = [model, int(step)] if len(models) > 1 else [int(step)]
-            for other in others_all:
-                r = by_key.get((other, int(step)))
-                row += [_cell(r, "cos"), _cell(r, "l2")]
-            out_rows.append(row)
-    return pd.DataFrame(out_rows, columns=columns)
-
-
-def caption(frame: pd.DataFrame) -> str:
-    models = ", ".join(dict.fromkeys(frame["model"].astype(str)))
-    n_missing = int((frame["status"] != "ok").sum())
-    text = (f"{models} at each step against the same step of each other repo: θ Cos and L2 over all "
-            "parameters flattened (float64).")
-    if n_missing:
-        text += f" {n_missing} comparison(s) missing: a side has no checkpoint at that step."
-    return text
-
-
-def to_markdown(frame: pd.DataFrame) -> str:
-    """The wide table as GitHub Markdown, with its caption."""
-    wide = render_wide(frame)
-    labels = 2 if "model" in wide.columns else 1
-    return f"{T.to_markdown(wide, labels)}\n{caption(frame)}\n"
-
-
-def to_html(frame: pd.DataFrame) -> str:
-    """The wide table as an HTML fragment, with its caption."""
-    return T.to_html(render_wide(frame), caption=caption(frame))

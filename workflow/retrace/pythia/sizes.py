@@ -2,7 +2,7 @@
 
 This module needs no torch, so config validation and the grid can use it cheaply; ``retrace.model``
 re-exports everything here. Facts are from GPT-NeoX v1.0 and the Pythia ymls (reference/pythia-neox.md
-§1, §3). The per-size training recipe (learning rate, batch layout) lives with the trainer, not here.
+§1, §3). The per-size training recipe (learning rate, batch layout) is retrace.pythia.recipes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from retrace.errors import RetraceError
+from retrace.pythia.constants import SEQ_LENGTH
 
 GELU_KINDS = ("tanh", "erf")
 ATTENTION_KINDS = ("flash", "global")
@@ -47,7 +48,7 @@ class ModelConfig:
     hidden: int
     heads: int
     vocab: int
-    seq_len: int = 2048
+    seq_len: int = SEQ_LENGTH
     rotary_pct: float = 0.25
     rotary_base: float = 10000
     norm_eps: float = 1e-5
@@ -282,7 +283,7 @@ def config_from_hf(
             hidden=hidden,
             heads=heads,
             vocab=vocab,
-            seq_len=config.get("max_position_embeddings", 2048),
+            seq_len=config.get("max_position_embeddings", SEQ_LENGTH),
             rotary_pct=rotary_pct,
             rotary_base=rotary_base,
             norm_eps=config.get("layer_norm_eps", 1e-5),

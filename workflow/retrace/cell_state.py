@@ -1,18 +1,6 @@
-"""A study on disk: where the workflow writes each cell's files, and each cell's state read from them.
+"""A cell's state, read from the files the workflow leaves (``retrace cells``).
 
-Paths (relative to the directory Snakemake runs in)::
-
-    results/cells.parquet                              the cells table (retrace.grid.CELL_COLUMNS)
-    results/runs/<cell>/checkpoints/step{N}.safetensors  the cell's checkpoints (kept across failures)
-    results/runs/<cell>/checkpoints/manifest.json      written last by `retrace train`: training is done
-    results/runs/<cell>/state/                         optimizer/scaler/RNG/data position for resuming
-    results/runs/<cell>/similarity.parquet             `retrace compare-run`: one row per step
-    results/runs/<cell>/similarity_tensors.parquet     ... and one row per step and tensor
-    results/logs/<rule>/<cell>.log                     the log of each rule's job for that cell
-    results/tables/, results/report/                   aggregate and report
-    resources/data/..., resources/references/<repo>/step{N}.safetensors (+ steps{A}-{B}.json records)
-
-Cell states (``retrace cells``), decided in this order:
+States, decided in this order:
 
 ``done``
     ``checkpoints/manifest.json`` and ``similarity.parquet`` both exist.
@@ -39,84 +27,11 @@ from base64 import urlsafe_b64encode
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS = "results"
-RESOURCES = "resources"
-CELLS_TABLE = f"{RESULTS}/cells.parquet"
-#: The last line a rule writes to its log when its command fails.
-FAILURE_MARK = "retrace-workflow: FAILED"
+from retrace.paths import FAILURE_MARK, log, manifest, run_dir, similarity
+
 #: A cell counts as running if anything of it changed this recently (seconds).
 RECENT_SECONDS = 600
 STATES = ("done", "failed", "running", "pending")
-
-
-def run_dir(cell: str) -> str:
-    return f"{RESULTS}/runs/{cell}"
-
-
-def manifest(cell: str) -> str:
-    return f"{run_dir(cell)}/checkpoints/manifest.json"
-
-
-def similarity(cell: str) -> str:
-    return f"{run_dir(cell)}/similarity.parquet"
-
-
-def similarity_tensors(cell: str) -> str:
-    return f"{run_dir(cell)}/similarity_tensors.parquet"
-
-
-def log(rule: str, name: str) -> str:
-    return f"{RESULTS}/logs/{rule}/{name}.log"
-
-
-#: The file prefix `retrace synth` gives each variant under DIR/<corpus>/<format>/.
-SYNTH_NAME = "document"
-
-
-def synthetic_dir(seed: int) -> str:
-    return f"{RESOURCES}/data/synthetic/s{seed}"
-
-
-def data_prefix(variant, synthetic_seed: int) -> str:
-    """The .bin/.idx prefix of a data variant (``retrace train --data``)."""
-    if variant.source == "synthetic":
-        return f"{synthetic_dir(synthetic_seed)}/{variant.corpus}/{variant.format}/{SYNTH_NAME}"
-    from retrace.data.indexed import split_prefix
-    from retrace.data.variants import variant_source
-
-    if variant.path is not None:
-        return str(split_prefix(variant.path))
-    return f"{RESOURCES}/data/pile/{variant.name}/{variant_source(variant.corpus, variant.format).name}"
-
-
-def data_ready(variant, synthetic_seed: int) -> str:
-    """The file written last when a variant's data is complete (what its train jobs wait for)."""
-    if variant.source == "synthetic":
-        return f"{synthetic_dir(synthetic_seed)}/manifest.json"
-    return f"{RESOURCES}/data/pile/{variant.name}.json"
-
-
-def order_record(variant, num_samples: int, seq_length: int) -> str:
-    """The record of the order maps of (variant, sample count, sequence length, order seed)."""
-    return f"{RESOURCES}/order/{variant.name}/ns{num_samples}_sl{seq_length}_s{variant.order_seed}.json"
-
-
-def built_record(model_name: str) -> str:
-    """Written last by reference_publish: a built reference's checkpoints are in its hub cache."""
-    return f"{RESOURCES}/build/{model_name}/published.json"
-
-
-def build_init_dir(init_key: str) -> str:
-    return f"{RESOURCES}/build/init/{init_key}"
-
-
-def reference_file(key: str, step: int) -> str:
-    return f"{RESOURCES}/references/{key}/step{step}.safetensors"
-
-
-def reference_steps(key: str, first: int, last: int) -> str:
-    """The record that every published checkpoint from ``first`` to ``last`` (Pythia schedule) is fetched."""
-    return f"{RESOURCES}/references/{key}/steps{first}-{last}.json"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 For every checkpoint listed in ``<run>/checkpoints/manifest.json`` (written last by ``retrace train``,
 so a run without it is not finished), the reproduction's parameters are compared with the published
-ones of the same step by ``retrace.similarity.compare_params`` (float64, streamed tensor by tensor).
+ones of the same step by ``retrace.compare.similarity.compare_params`` (float64, streamed tensor by tensor).
 The published step is read from ``<reference_dir>/step{N}.safetensors`` when a reference directory is
 given (the workflow fetches each (repo, step) once into resources/references/<repo>/ and every cell
 shares it), else opened as ``<reference>@step{N}`` through ``retrace.checkpoints.open_params``.
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from retrace.compare import METRICS
 from retrace.errors import RetraceError
 from retrace.io import write_parquet
-from retrace.report.frames import METRICS
 
 #: Columns of ``similarity.parquet``.
 STEP_COLUMNS = ["step", *METRICS]
@@ -65,7 +65,7 @@ def compare_run(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Compare every checkpoint of ``run`` with the published one; returns (per-step, per-tensor) frames."""
     from retrace.checkpoints import open_params
-    from retrace.similarity import compare_params
+    from retrace.compare.similarity import compare_params
 
     entries = load_manifest(run)
     sources = [(step, ckpt, reference_source(reference, reference_dir, step)) for step, ckpt in entries]

@@ -1,4 +1,5 @@
-"""The Pythia training recipe per model size (GPT-NeoX v1.0 configs, reference/pythia-neox.md §1-2).
+"""The Pythia training recipe per model size and the v1.0 LR formula (GPT-NeoX v1.0 configs,
+reference/pythia-neox.md §1-2).
 
 Every field can be overridden (``recipe_for("70m", global_batch=32, seq_length=128, train_iters=200)``)
 so that tiny CPU studies run the same code path with a small batch and a short schedule.
@@ -22,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 from retrace.errors import RetraceError
+from retrace.pythia.constants import GLOBAL_BATCH, SEED, SEQ_LENGTH, TRAIN_ITERS
 
 
 @dataclass(frozen=True)
@@ -32,13 +34,13 @@ class Recipe:
     lr: float
     min_lr: float
     # Schedule: train_iters is how long the original run was; lr_decay_iters = E in the v1.0 formula.
-    train_iters: int = 143_000
+    train_iters: int = TRAIN_ITERS
     lr_decay_iters: int | None = None  # None: same as train_iters (as in every Pythia config)
     warmup: float = 0.01  # fraction of lr_decay_iters (NeoX `warmup`)
     warmup_iters: int | None = None  # explicit W overrides the fraction
     # Batch layout of the original run.
-    global_batch: int = 1024
-    seq_length: int = 2048
+    global_batch: int = GLOBAL_BATCH
+    seq_length: int = SEQ_LENGTH
     micro_batch: int = 32  # train_micro_batch_size_per_gpu (pdbs)
     gas: int = 1
     gpus: int = 32  # data-parallel ranks (GPUs / model parallel)
@@ -56,7 +58,7 @@ class Recipe:
     # ZeRO.
     zero_stage: int = 1
     reduce_bucket_size: int = 500_000_000
-    seed: int = 1234
+    seed: int = SEED
     extra: dict = field(default_factory=dict)
 
     @property
@@ -87,7 +89,7 @@ class Recipe:
 
 
 def _r(size, lr, min_lr, micro, gas, gpus, *, precision="fp16", zero_stage=1, bucket=500_000_000) -> Recipe:
-    assert micro * gas * gpus == 1024, size
+    assert micro * gas * gpus == GLOBAL_BATCH, size
     return Recipe(size=size, lr=lr, min_lr=min_lr, micro_batch=micro, gas=gas, gpus=gpus,
                   precision=precision, zero_stage=zero_stage, reduce_bucket_size=bucket)
 
@@ -132,7 +134,7 @@ def recipe_for(size: str, **overrides) -> Recipe:
 
 def normalize_size(size: str) -> str:
     """'EleutherAI/pythia-160m-deduped-v0' → '160m' (the model registry's key)."""
-    from retrace.sizes import pythia_size
+    from retrace.pythia.sizes import pythia_size
 
     return pythia_size(size)
 
@@ -152,11 +154,3 @@ def lr_v1(n: int, lr_max: float, min_lr: float, warmup: int, decay_iters: int) -
     if warmup > 0 and int(n) <= warmup:
         return float(lr_max) * num_iters / warmup
     return max(float(min_lr), float(lr_max) / 2.0 * (math.cos(math.pi * (num_iters - warmup) / decay_iters) + 1))
-
-
-def pythia_save_steps(start: int, end: int) -> list[int]:
-    """Steps saved by a run from ``start`` to ``end``: the start, the Pythia schedule inside (start, end]
-    (1, 2, 4 … 512, then every 1000), and ``end``."""
-    sched = {0, *(2**i for i in range(10))}
-    sched |= set(range(1000, end + 1, 1000))
-    return sorted({start, end} | {s for s in sched if start < s <= end})
