@@ -17,7 +17,6 @@ if not workflow.overwrite_configfiles:
     configfile: f"{workflow.basedir}/config.yaml"
 
 
-
 report: "workflow/report/workflow.rst"
 
 
@@ -38,8 +37,8 @@ include: "workflow/rules/audit.smk"
 
 
 rule all:
+    default_target: True
     input:
         final_outputs(),
         # `snakemake audit` audits the published references; part of `all` only with audit.in_all
         audit_targets(),
-    default_target: True

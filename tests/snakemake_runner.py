@@ -32,3 +32,11 @@ def job_counts(output: str) -> dict[str, int]:
                 break
             counts[m.group(1)] = int(m.group(2))
     return counts
+
+
+def spec_of(shell: str) -> dict:
+    """The cell spec (``retrace train|neox-run --spec JSON``) in a rendered shell command."""
+    import json
+    import shlex
+
+    return json.loads(shlex.split(shell[shell.index("--spec ") + len("--spec "):])[0])

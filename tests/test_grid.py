@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -11,29 +13,21 @@ import yaml
 
 from retrace.errors import RetraceError
 from retrace.grid import AXES, CELL_COLUMNS, CELL_ID_RE, SCHEMA_PATH, load_study
+from retrace.launch import train_spec
+from retrace.placement import place
+from retrace.spec import TrainConfig, from_arguments
+from study_factory import synthetic_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def base_config() -> dict:
-    return {
-        "study": "unit",
-        "models": {
-            "pythia-70m-deduped": {"reference": "EleutherAI/pythia-70m-deduped"},
-            "pythia-70m": {"reference": "EleutherAI/pythia-70m", "documented": "standard-raw"},
-        },
-        "data": {
-            "deduped-raw": {"source": "synthetic", "corpus": "deduped", "format": "raw"},
-            "standard-raw": {"source": "synthetic", "corpus": "standard", "format": "raw"},
-        },
-        "axes": {
-            "model": ["pythia-70m-deduped"],
-            "data": ["deduped-raw", "standard-raw"],
-            "parallel": [{"gpus": 32, "pdbs": 32, "gas": 1}, {"gpus": 16, "pdbs": 32, "gas": 2}],
-            "gpu_type": ["a100"],
-            "steps": [1000],
-        },
-    }
+    return synthetic_study(
+        "unit",
+        models={"pythia-70m-deduped": {"reference": "EleutherAI/pythia-70m-deduped"},
+                "pythia-70m": {"reference": "EleutherAI/pythia-70m", "documented": "standard-raw"}},
+        parallel=[{"gpus": 32, "pdbs": 32, "gas": 1}, {"gpus": 16, "pdbs": 32, "gas": 2}],
+        gpu_type=["a100"], steps=[1000])
 
 
 def load(cfg: dict):
@@ -177,7 +171,8 @@ def test_placement_from_the_cell_and_the_cluster():
     cfg["cluster"] = {"gpus_per_node": 8, "threads_per_rank": 2, "gpu_models": {"h100": ""},
                       "gpu_constraints": {"h100": "h100&ib"}}
     study = load(cfg)
-    by = {(c.gpu_type, c.parallel.gpus): study.placement(c) for c in study.cells() if c.data.name == "deduped-raw"}
+    by = {(c.gpu_type, c.parallel.gpus): place(gpus=c.parallel.gpus, gpu_type=c.gpu_type, cluster=study.cluster)
+          for c in study.cells() if c.data.name == "deduped-raw"}
     cpu = by[("cpu", 4)]
     assert (cpu.nodes, cpu.threads, cpu.gpu, cpu.mpi, cpu.launcher) == (1, 8, None, None, "")
     one = by[("a100", 4)]
@@ -191,22 +186,39 @@ def test_placement_from_the_cell_and_the_cluster():
     assert by[("h100", 4)].gpu_model is None and by[("h100", 4)].gpu == 4
 
 
-def test_train_args_follow_the_train_cli():
+def test_the_cell_spec_is_what_the_train_cli_runs():
     cfg = base_config()
     cfg["models"]["pythia-70m-deduped"].update(start_step=1000, lr=5e-4)
     cfg["axes"]["steps"] = [2000]
     study = load(cfg)
     cell = study.cells()[1]
-    args = study.train_args(cell)
-    flags = dict(zip(args[::2], args[1::2], strict=False))
-    assert flags["--reference"] == "EleutherAI/pythia-70m-deduped" and flags["--start-step"] == "1000"
-    assert flags["--data"] == "resources/data/synthetic/s1234/deduped/raw/document"
-    assert (flags["--gpus"], flags["--pdbs"], flags["--gas"], flags["--global-batch"]) == ("16", "32", "2", "1024")
-    assert flags["--steps"] == "2000" and flags["--recipe"] == "70m" and flags["--lr"] == "0.0005"
+    spec = train_spec(study, cell)
+    assert spec.reference == "EleutherAI/pythia-70m-deduped" and spec.start_step == 1000
+    assert spec.data == "resources/data/synthetic/s1234/deduped/raw/document"
+    assert (spec.gpus, spec.pdbs, spec.gas, spec.global_batch) == (16, 32, 2, 1024)
+    assert spec.steps == 2000 and spec.recipe == "70m" and spec.lr == 5e-4
+    assert spec.out == f"results/runs/{cell.id}"
     from retrace.cli import build_parser
 
-    parsed = build_parser().parse_args(["train", *args, "--out", "x"])  # the trainer's own parser accepts them
-    assert parsed.gas == 2 and parsed.start_step == 1000
+    # the trainer's own parser takes the JSON the rule renders; --out and --threads come from the rule
+    parsed = build_parser().parse_args(["train", "--spec", spec.to_json(), "--out", "x", "--gas", "4"])
+    got = from_arguments(TrainConfig, parsed)
+    assert got == dataclasses.replace(spec, out="x", gas=4)
+    assert "out" not in json.loads(spec.to_json()) and "threads" not in json.loads(spec.to_json())
+
+
+def test_model_keys_that_name_a_setting_reach_the_spec_and_the_fingerprint():
+    """A new setting is one TrainConfig field plus its schema key: the grid passes it through."""
+    cfg = base_config()
+    cfg["models"]["pythia-70m-deduped"].update(checkpoint_activations=True, warmup_iters=7)
+    cfg["train"] = {"rotary_angles": "fp32"}
+    study = load(cfg)
+    spec = train_spec(study, next(c for c in study.cells() if c.model.name == "pythia-70m-deduped"))
+    assert spec.checkpoint_activations and spec.warmup_iters == 7 and spec.rotary_angles == "fp32"
+    recipe = spec.resolve_recipe()
+    assert recipe.warmup_steps == 7.0 and study.models["pythia-70m-deduped"].recipe_values() == recipe
+    fp = spec.fingerprint(recipe)
+    assert fp["rotary_angles"] == "fp32" and fp["recipe"]["warmup_steps"] == 7.0 and "steps" not in fp
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -19,7 +19,9 @@ import yaml
 
 from retrace.errors import RetraceError
 from retrace.grid import checkpoint_steps, load_study
-from snakemake_runner import ROOT, job_counts, snakemake
+from retrace.launch import train_command, train_spec
+from retrace.spec import NeoXRunConfig
+from snakemake_runner import ROOT, job_counts, snakemake, spec_of
 
 STUDIES = ROOT / "studies"
 SLURM = ["--profile", str(ROOT / "profiles" / "slurm")]
@@ -114,10 +116,11 @@ def test_blog_study_resources_and_commands():
     assert two["res"]["slurm_extra"] == "--gpus-per-node=a40:8" and two["res"]["cpus_per_task"] == "4"
     assert "gpu" not in two["res"] and two["res"]["runtime"] == "1440"
     assert two["shell"].startswith("(srun --nodes=2 --ntasks-per-node=8 --cpus-per-task=4 --kill-on-bad-exit=1 ")
-    for flag in ("--reference EleutherAI/pythia-2.8b-deduped --start-step 0", "--gpus 16 --pdbs 8 --gas 8",
-                 "--engine deepspeed", "--checkpoint-activations", "--precision fp16", "--steps 1000",
-                 "--data resources/data/pile/deduped-preshuffled/document --data-kind preshuffled"):
-        assert flag in two["shell"], flag
+    spec = spec_of(two["shell"])
+    want = {"reference": "EleutherAI/pythia-2.8b-deduped", "start_step": 0, "gpus": 16, "pdbs": 8, "gas": 8,
+            "engine": "deepspeed", "checkpoint_activations": True, "precision": "fp16", "steps": 1000,
+            "data": "resources/data/pile/deduped-preshuffled/document", "data_kind": "preshuffled"}
+    assert {k: spec[k] for k in want} == want
     # 8×A40, pdbs 4, gas 32: one node, --gpus=a40:8, retrace train starts the 8 ranks itself
     one = by_axes[("standard-preshuffled", "g8p4a32", "a40", "flash", "torch2.4")]
     assert one["res"]["gpu"] == "8" and one["res"]["gpu_model"] == "a40" and one["res"]["nodes"] == "1"
@@ -144,7 +147,7 @@ def test_polypythias_pairs_each_run_with_its_order():
     orders = {j["wildcards"] for j in jobs_of(out, "order_maps")}
     assert {re.search(r"order_seed=(\d+)", w).group(1) for w in orders} == {"1234", *map(str, range(1, 10))}
     train = jobs_of(out, "train")[0]
-    assert "--data-kind raw" in train["shell"] and train["res"]["gpu_model"] == "a100"
+    assert spec_of(train["shell"])["data_kind"] == "raw" and train["res"]["gpu_model"] == "a100"
 
 
 # ------------------------------------------------------------------------------------------- audit
@@ -290,24 +293,23 @@ def test_engine_neox_needs_its_section_and_the_train_rule_runs_neox_run(tmp_path
     study = load_study(cfg, root=ROOT)
     neox = next(c for c in study.cells() if c.engine == "neox")
     builtin = next(c for c in study.cells() if c.engine == "builtin")
-    assert neox.id.endswith("__neox") and study.train_command(neox) == "neox-run"
-    assert study.train_command(builtin) == "train" and "--engine" in study.train_args(builtin)
-    args = study.train_args(neox)
-    assert args[args.index("--neox-path") + 1] == "/opt/gpt-neox" and "--engine" not in args
-    assert args[args.index("--neox-container") + 1] == "/images/neox-v1.0.sif"
-    assert args[args.index("--neox-bind") + 1] == "/data" and args[args.index("--data-kind") + 1] == "raw"
+    assert neox.id.endswith("__neox") and train_command(neox) == "neox-run"
+    assert train_command(builtin) == "train" and train_spec(study, builtin).engine == "builtin"
+    spec = train_spec(study, neox)
+    assert isinstance(spec, NeoXRunConfig) and spec.neox_path == "/opt/gpt-neox" and not hasattr(spec, "engine")
+    assert spec.neox_container == "/images/neox-v1.0.sif" and spec.neox_bind == ["/data"] and spec.data_kind == "raw"
     bad = base()
     bad["axes"]["engine"] = ["neox"]
     bad["neox"] = cfg["neox"]
     bad["models"]["a"]["lr"] = 1e-3
     with pytest.raises(RetraceError, match=r"engine neox runs the published GPT-NeoX config, but models.a sets lr"):
-        load_study(bad, root=ROOT).train_args(next(c for c in load_study(bad, root=ROOT).cells()
-                                                   if c.model.name == "a"))
+        bad_study = load_study(bad, root=ROOT)
+        train_spec(bad_study, next(c for c in bad_study.cells() if c.model.name == "a"))
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
     out = snakemake("-n", "-p", "--configfile", str(tmp_path / "s.yaml"), workdir=tmp_path / "wd")
     assert out.returncode == 0, out.stderr
     commands = [line for line in out.stdout.splitlines() if " retrace " in f" {line} " or "retrace" in line]
     neox_lines = [line for line in commands if "neox-run" in line]
-    assert neox_lines and all("--neox-path /opt/gpt-neox" in line and "--neox-container /images/neox-v1.0.sif"
-                              in line and "--neox-bind /data" in line for line in neox_lines)
-    assert any(re.search(r"retrace\S* train --reference", line) for line in commands)
+    assert neox_lines and all('"neox_path": "/opt/gpt-neox"' in line and '"neox_container": "/images/neox-v1.0.sif"'
+                              in line and '"neox_bind": ["/data"]' in line for line in neox_lines)
+    assert any(re.search(r"retrace\S* train --spec .*\"engine\": \"builtin\"", line) for line in commands)

@@ -10,15 +10,7 @@ pytest.importorskip("deepspeed")
 from retrace.compare.similarity import compare_params  # noqa: E402
 from retrace.errors import RetraceError  # noqa: E402
 from retrace.train import TrainConfig, train  # noqa: E402
-from test_train_helpers import SEQ, B, load_ckpt, make_data, make_reference, masters  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds")
-    make_reference(root / "ref")
-    make_data(root / "data" / "tiny", SEQ, 20 * B)
-    return root
+from test_train_helpers import SEQ, B, load_ckpt, masters  # noqa: E402
 
 
 def cfg(root, out, steps, **over):

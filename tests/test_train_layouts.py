@@ -9,22 +9,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from retrace.cli import main
 from retrace.train import TrainConfig, train
-from test_train_helpers import load_ckpt, make_data, make_reference
+from test_train_helpers import load_ckpt
 
 B, SEQ, STEPS = 8, 32, 12
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("layouts")
-    make_reference(root / "ref")
-    make_data(root / "data" / "tiny", SEQ, 30 * B)
-    return root
 
 
 def cell(root: Path, out: str, gpus: int, pdbs: int, gas: int, **over) -> TrainConfig:

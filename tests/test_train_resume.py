@@ -17,21 +17,12 @@ from retrace.train import TrainConfig, train
 from test_train_helpers import (
     check_sigterm_then_restart,
     load_ckpt,
-    make_data,
     make_reference,
     masters,
     tiny_config,
 )
 
 B, SEQ = 8, 32
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    make_reference(root / "ref")
-    make_data(root / "data" / "tiny", SEQ, 40 * B)
-    return root
 
 
 def test_sigterm_then_restart_is_bit_identical(world):

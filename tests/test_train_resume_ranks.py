@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_train_helpers import SEQ, B, check_sigterm_then_restart, make_data, make_reference
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume_ranks")
-    make_reference(root / "ref")
-    make_data(root / "data" / "tiny", SEQ, 40 * B)
-    return root
+from test_train_helpers import check_sigterm_then_restart
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import yaml
 from retrace import paths as layout
 from retrace.grid import load_study
 from snakemake_runner import ROOT, job_counts, snakemake
+from study_factory import synthetic_study
 
 
 def scheduled(output: str, rule: str) -> list[dict[str, str]]:
@@ -41,21 +42,7 @@ def write_study(path: Path, cfg: dict) -> Path:
 
 def hub_study(**axes) -> dict:
     """A study on published Hub repos (nothing is fetched by a dry run)."""
-    return {
-        "study": "dry",
-        "models": {"pythia-70m-deduped": {"reference": "EleutherAI/pythia-70m-deduped", "documented": "deduped-raw"}},
-        "data": {
-            "deduped-raw": {"source": "synthetic", "corpus": "deduped", "format": "raw"},
-            "standard-raw": {"source": "synthetic", "corpus": "standard", "format": "raw"},
-        },
-        "axes": {
-            "model": ["pythia-70m-deduped"],
-            "data": ["deduped-raw", "standard-raw"],
-            "parallel": [{"gpus": 32, "pdbs": 32, "gas": 1}],
-            "steps": [4],
-            **axes,
-        },
-    }
+    return synthetic_study("dry", **axes)
 
 
 # --------------------------------------------------------------------------------------- dry runs

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrace.paths import FAILURE_MARK, log, manifest, run_dir, similarity
+from retrace.rundir import RunDir
 
 #: A cell counts as running if anything of it changed this recently (seconds).
 RECENT_SECONDS = 600
@@ -100,5 +101,5 @@ def cell_state(cell: str, workdir: str | Path = ".", *, now: float | None = None
         return CellState(cell, "failed", "interrupted (Snakemake incomplete marker; rerun with --rerun-incomplete)")
     if trained:
         return CellState(cell, "pending", "trained, compare pending")
-    partial = (wd / run_dir(cell) / "checkpoints").is_dir() or (wd / run_dir(cell) / "state").is_dir()
+    partial = RunDir(wd / run_dir(cell)).started()
     return CellState(cell, "pending", "partly trained (will resume)" if partial else "not started")

@@ -42,6 +42,8 @@ This module is pure Python (no torch, no Snakemake); the Snakefile and ``retrace
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import itertools
 import re
@@ -53,6 +55,8 @@ from typing import Any
 import yaml
 
 from retrace.errors import RetraceError
+from retrace.placement import place
+from retrace.pythia.constants import GLOBAL_BATCH, SEED, SEQ_LENGTH
 
 #: The axes, in cell-id order.
 AXES = ("model", "data", "parallel", "gpu_type", "attention", "deps", "seed", "steps", "precision", "engine")
@@ -67,7 +71,6 @@ CELL_ID_PATTERN = rf"{TOKEN}(?:__{TOKEN}){{{len(AXES) - 1}}}"
 CELL_ID_RE = re.compile(rf"^{CELL_ID_PATTERN}$")
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
-DEFAULT_GLOBAL_BATCH = 1024
 
 
 # --------------------------------------------------------------------------------------------- values
@@ -80,7 +83,7 @@ class Build:
     shape: tuple[tuple[str, int], ...]  # (n_layers, hidden, heads, vocab, seq_len) as (key, value) pairs
     init_seed: int
     data: DataVariant
-    parallel: Layout
+    parallel: Parallel
     steps: int
     seed: int
     precision: str
@@ -98,23 +101,30 @@ class Build:
 
 @dataclass(frozen=True)
 class Model:
-    """A published run to reproduce: where its checkpoints are and how it was trained."""
+    """A published run to reproduce: where its checkpoints are and how it was trained.
+
+    ``settings`` are the model's keys that name a training setting (``retrace.spec.TrainConfig`` fields:
+    ``lr``, ``train_iters``, ``checkpoint_activations`` …), passed to its cells' specs as they are.
+    """
 
     name: str
     reference: str
     start_step: int = 0
     recipe: str | None = None
-    global_batch: int = DEFAULT_GLOBAL_BATCH
-    seq_length: int | None = None
-    lr: float | None = None
-    min_lr: float | None = None
-    train_iters: int | None = None
-    warmup_iters: int | None = None
+    global_batch: int = GLOBAL_BATCH
     documented: str | None = None
     hub_cache: str | None = None
     build: Build | None = None
     data: tuple[str, ...] | None = None  # the data variants it is reproduced on (None: every one)
-    checkpoint_activations: bool = False
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def train_settings(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    @property
+    def seq_length(self) -> int | None:
+        return self.train_settings.get("seq_length")
 
     def reproduced_on(self, variant: str) -> bool:
         """Whether cells pair this model with data variant ``variant`` (``models.<name>.data``)."""
@@ -135,11 +145,12 @@ class Model:
         return self.reference
 
     def recipe_values(self):
-        """The training recipe with this model's overrides (retrace.pythia.recipes.Recipe)."""
-        from retrace.pythia.recipes import recipe_for
+        """The training recipe with this model's overrides (``retrace.spec.resolve_recipe``, the one place
+        the trainer resolves it too)."""
+        from retrace.spec import resolve_recipe
 
-        return recipe_for(self.recipe, global_batch=self.global_batch, seq_length=self.seq_length,
-                          train_iters=self.train_iters)
+        return resolve_recipe({**self.train_settings, "recipe": self.recipe, "global_batch": self.global_batch},
+                              reference=self.reference)
 
     def order_key(self) -> tuple[int, int]:
         """(num_samples, seq_length) the data order is built for: GPT-NeoX's sample count of the original
@@ -157,12 +168,12 @@ class DataVariant:
     corpus: str
     format: str
     shuffle_samples: bool = False
-    order_seed: int = 1234
+    order_seed: int = SEED
     path: str | None = None
 
 
 @dataclass(frozen=True)
-class Layout:
+class Parallel:
     gpus: int
     pdbs: int
     gas: int
@@ -185,7 +196,7 @@ class Cell:
 
     model: Model
     data: DataVariant
-    parallel: Layout
+    parallel: Parallel
     gpu_type: str
     attention: str
     deps: str
@@ -242,6 +253,7 @@ class Study:
     config: dict[str, Any] = field(default_factory=dict, repr=False)
     neox: dict[str, Any] | None = None  # the `neox` section (engine neox)
     audit: dict[str, Any] = field(default_factory=dict)  # the `audit` section, defaults filled in
+    train_settings: dict[str, Any] = field(default_factory=dict)  # the `train` section: every cell's spec
 
     @functools.cached_property
     def _cells(self) -> list[Cell]:
@@ -270,102 +282,6 @@ class Study:
 
         return pd.DataFrame([c.row() for c in self._cells], columns=list(CELL_COLUMNS))
 
-    def placement(self, cell: Cell) -> Placement:
-        """The resources of a cell's train job (see ``Placement``), from its axes and ``cluster``."""
-        per_node, tpr = self.cluster["gpus_per_node"], self.cluster["threads_per_rank"]
-        gpus = cell.parallel.gpus
-        ranks = min(gpus, per_node) if cell.on_gpu else gpus
-        nodes = -(-gpus // per_node) if cell.on_gpu else 1
-        if not cell.on_gpu:
-            return Placement(nodes=1, ranks_per_node=ranks, threads=ranks * tpr)
-        model = self.cluster["gpu_models"].get(cell.gpu_type, cell.gpu_type) or None  # "": untyped GPUs
-        constraint = self.cluster["gpu_constraints"].get(cell.gpu_type)
-        if nodes == 1:
-            return Placement(nodes=1, ranks_per_node=ranks, threads=ranks * tpr, gpu=gpus, gpu_model=model,
-                             constraint=constraint)
-        return Placement(nodes=nodes, ranks_per_node=ranks, threads=ranks * tpr, constraint=constraint,
-                         tasks_per_node=ranks, mpi="srun", cpus_per_task=tpr,
-                         slurm_extra=f"--gpus-per-node={model + ':' if model else ''}{ranks}")
-
-    def train_command(self, cell: Cell) -> str:
-        """The `retrace` subcommand of a cell's train job: ``neox-run`` for engine neox, else ``train``."""
-        return "neox-run" if cell.engine == "neox" else "train"
-
-    def train_args(self, cell: Cell) -> list[str]:
-        """The arguments of the cell's train command (``train_command``), but --out and --threads."""
-        if cell.engine == "neox":
-            return self.neox_run_args(cell)
-        m = cell.model
-        return self._train_args(m, cell.data, cell.parallel, cell.attention, cell.precision, cell.engine,
-                                cell.steps, cell.seed, m.reference, m.start_step)
-
-    def neox_run_args(self, cell: Cell) -> list[str]:
-        """The `retrace neox-run` arguments of an engine-neox cell (GPT-NeoX v1.0 itself), but --out and --threads.
-
-        GPT-NeoX runs the published config of the model's size (``models.<name>.recipe``, else the size
-        neox-run reads from the reference): a model that overrides the recipe (global_batch, seq_length,
-        lr, min_lr, train_iters, warmup_iters) is refused here, naming the key. The data order is GPT-NeoX's
-        own (index maps seeded by the cell's seed, on the raw corpus). Across nodes the cell uses
-        DeeperSpeed's slurm launcher (``--launcher slurm``), which runs ``srun`` itself.
-        """
-        from retrace.paths import data_prefix
-
-        m, lay, neox = cell.model, cell.parallel, self.neox or {}
-        changed = [k for k in ("seq_length", "lr", "min_lr", "train_iters", "warmup_iters")
-                   if getattr(m, k) is not None]
-        if m.global_batch != DEFAULT_GLOBAL_BATCH:
-            changed.insert(0, "global_batch")
-        if changed:
-            raise RetraceError(
-                f"cell {cell.id}: engine neox runs the published GPT-NeoX config, but models.{m.name} sets "
-                f"{', '.join(changed)}; drop it (or run this model with engine builtin/deepspeed)")
-        args: list = ["--reference", m.reference, "--start-step", m.start_step,
-                      "--data", data_prefix(cell.data, self.synthetic["seed"]), "--data-kind", cell.data.format,
-                      "--gpus", lay.gpus, "--pdbs", lay.pdbs, "--gas", lay.gas, "--attention", cell.attention,
-                      "--precision", cell.precision, "--steps", cell.steps, "--seed", cell.seed]
-        if m.recipe is not None:
-            args += ["--size", m.recipe]
-        if "deduped" in m.reference.lower():
-            args.append("--deduped")
-        place = self.placement(cell)
-        if place.nodes > 1:
-            args += ["--launcher", "slurm", "--gpus-per-node", self.cluster["gpus_per_node"]]
-        for key, flag in (("path", "--neox-path"), ("container", "--neox-container"),
-                          ("runtime", "--neox-runtime"), ("conda_env", "--neox-conda-env"),
-                          ("python", "--neox-python")):
-            if neox.get(key):
-                args += [flag, neox[key]]
-        for b in neox.get("binds") or ():
-            args += ["--neox-bind", b]
-        return [str(a) for a in args]
-
-    def build_train_args(self, model: Model) -> list[str]:
-        """The `retrace train` arguments of a built reference (models.<name>.build), but --out and --threads."""
-        from retrace.paths import build_init_dir
-
-        b = model.build
-        return self._train_args(model, b.data, b.parallel, b.attention, b.precision, "builtin", b.steps, b.seed,
-                                build_init_dir(b.init_key), 0)
-
-    def _train_args(self, m, data, lay, attention, precision, engine, steps, seed, reference, start_step):
-        from retrace.paths import data_prefix
-
-        args = ["--reference", reference, "--start-step", start_step,
-                "--data", data_prefix(data, self.synthetic["seed"]), "--data-kind", data.format,
-                "--order-seed", data.order_seed, "--gpus", lay.gpus, "--pdbs", lay.pdbs, "--gas", lay.gas,
-                "--global-batch", m.global_batch, "--attention", attention, "--precision", precision,
-                "--engine", engine, "--steps", steps, "--seed", seed]
-        if data.shuffle_samples:
-            args.append("--shuffle-samples")
-        if m.checkpoint_activations:
-            args.append("--checkpoint-activations")
-        for flag, value in (("--recipe", m.recipe), ("--seq-length", m.seq_length), ("--lr", m.lr),
-                            ("--min-lr", m.min_lr), ("--train-iters", m.train_iters),
-                            ("--warmup-iters", m.warmup_iters)):
-            if value is not None:
-                args += [flag, value]
-        return [str(a) for a in args]
-
     def synthetic_seq_length(self) -> int:
         """Item length − 1 of the synthetic preshuffled streams (``synthetic.seq_length`` or synth's default)."""
         from retrace.data.synthetic import SynthConfig
@@ -379,39 +295,6 @@ class Study:
     def used_models(self) -> list[Model]:
         """The models some cell trains, in axis order."""
         return list(self._used_models)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where and how one training run executes: what the train rule asks the scheduler for.
-
-    Single node (CPU cells, or GPU cells with at most ``cluster.gpus_per_node`` GPUs): one task;
-    ``retrace train`` starts its ranks itself; GPU cells ask ``gpu`` GPUs of ``gpu_model``.
-    Several nodes: ``nodes`` × ``tasks_per_node`` srun tasks, one rank per GPU (``mpi = "srun"``),
-    GPUs asked per node through ``slurm_extra``. None = not asked for (Snakemake drops the resource).
-    """
-
-    nodes: int
-    ranks_per_node: int
-    threads: int  # CPU threads on the (first) node: ranks there × threads per rank
-    gpu: int | None = None
-    gpu_model: str | None = None
-    constraint: str | None = None
-    tasks_per_node: int | None = None
-    mpi: str | None = None
-    cpus_per_task: int | None = None  # None: the job's threads
-    slurm_extra: str | None = None
-
-    @property
-    def launcher(self) -> str:
-        """What starts the ranks: nothing on one node, srun across nodes. The inner srun states its CPUs per
-        rank: since Slurm 22.05 it no longer inherits --cpus-per-task from the allocation."""
-        if self.mpi is None:
-            return ""
-        cpus = f" --cpus-per-task={self.cpus_per_task}" if self.cpus_per_task else ""
-        return (
-            f"srun --nodes={self.nodes} --ntasks-per-node={self.tasks_per_node}{cpus} --kill-on-bad-exit=1"
-        )
 
 
 def cells_frame(study: Study | str | Path | Mapping):
@@ -431,7 +314,7 @@ def load_study(source: str | Path | Mapping[str, Any], *, root: str | Path | Non
     local reference paths are taken from the current directory, as Snakemake runs there.
     """
     if isinstance(source, Mapping):
-        config, where = dict(source), "config"
+        config, where = copy.deepcopy(dict(source)), "config"
     else:
         path = Path(source)
         if not path.is_file():
@@ -445,7 +328,7 @@ def load_study(source: str | Path | Mapping[str, Any], *, root: str | Path | Non
             raise RetraceError(f"{path}: a study config must be a mapping, got {type(config).__name__}")
         config = dict(config)
     root = Path(root) if root is not None else Path.cwd()
-    _check_schema(config, where)
+    _check_schema(config, where)  # fills in the schema's defaults
     return _build(config, where, root)
 
 
@@ -462,11 +345,29 @@ def _key(path: Iterable[Any]) -> str:
     return out or "(top level)"
 
 
-def _check_schema(config: Mapping[str, Any], where: str) -> None:
+@functools.lru_cache(maxsize=1)
+def _validator_class():
+    """The schema's validator, extended to fill in each property's ``default`` where the key is absent
+    (before validating it, so nested defaults of a filled-in object are filled too): the defaults are
+    written once, in the schema."""
     import jsonschema
 
+    base = jsonschema.validators.validator_for(load_schema())
+    check_properties = base.VALIDATORS["properties"]
+
+    def properties(validator, props, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in props.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from check_properties(validator, props, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": properties})
+
+
+def _check_schema(config: dict[str, Any], where: str) -> None:
     schema = load_schema()
-    validator = jsonschema.validators.validator_for(schema)(schema)
+    validator = _validator_class()(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if not errors:
         return
@@ -501,8 +402,8 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
     data = {}
     for name, spec in config["data"].items():
         data[name] = DataVariant(name=name, source=spec["source"], corpus=spec["corpus"], format=spec["format"],
-                                 shuffle_samples=bool(spec.get("shuffle_samples", False)),
-                                 order_seed=int(spec.get("order_seed", 1234)), path=spec.get("path"))
+                                 shuffle_samples=spec["shuffle_samples"], order_seed=spec["order_seed"],
+                                 path=spec.get("path"))
         if data[name].path is not None and data[name].source != "pile":
             raise fail(f"data.{name}.path", "only for source pile (synthetic data is made by `retrace synth`)")
         if data[name].source == "pile" and data[name].path is None:
@@ -524,12 +425,7 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
                 raise fail(f"models.{name}.data[{i}]", f"{variant!r} is not a data variant "
                                                        f"(defined under data: {', '.join(data)})")
 
-    schema_axes = load_schema()["properties"]["axes"]["properties"]
-    raw_axes = config["axes"]
-    axes: dict[str, list] = {}
-    for axis in AXES:
-        values = raw_axes.get(axis, schema_axes[axis].get("default"))
-        axes[axis] = list(values)
+    axes: dict[str, list] = {axis: list(config["axes"][axis]) for axis in AXES}
     for i, name in enumerate(axes["model"]):
         if name not in models:
             raise fail(f"axes.model[{i}]", f"unknown model {name!r} (defined under models: {', '.join(models)})")
@@ -538,7 +434,7 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
             raise fail(f"axes.data[{i}]", f"unknown data variant {name!r} (defined under data: {', '.join(data)})")
     axes["model"] = [models[n] for n in axes["model"]]
     axes["data"] = [data[n] for n in axes["data"]]
-    axes["parallel"] = [Layout(**p) for p in axes["parallel"]]
+    axes["parallel"] = [Parallel(**p) for p in axes["parallel"]]
     seen: dict[str, int] = {}
     for i, lay in enumerate(axes["parallel"]):
         if lay.token in seen:
@@ -548,8 +444,8 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
     if len(tokens) != len(axes["model"]):
         raise fail("axes.model", "two models give the same cell-id token")
 
-    design = config.get("design", "factorial")
-    cross = list(config.get("cross", []))
+    design = config["design"]
+    cross = list(config["cross"])
     baseline_cfg = dict(config.get("baseline", {}))
     if design == "factorial":
         for key in ("baseline", "cross"):
@@ -562,7 +458,7 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
             continue
         value = baseline_cfg[axis]
         lookup = {"model": models, "data": data}.get(axis)
-        value = lookup.get(value, value) if lookup else (Layout(**value) if axis == "parallel" else value)
+        value = lookup.get(value, value) if lookup else (Parallel(**value) if axis == "parallel" else value)
         if value not in axes[axis]:
             shown = value.name if hasattr(value, "name") else (value.as_dict() if axis == "parallel" else value)
             raise fail(f"baseline.{axis}", f"{shown!r} is not one of the values of axes.{axis}")
@@ -576,16 +472,10 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
         from retrace.neox.runner import NeoXEnv  # torch-free
 
         NeoXEnv.from_config(neox, where=f"{where}: config key neox")
-    audit = {"in_all": False, "repos": [], "weights": False, **config.get("audit", {})}
-
-    cluster = dict(config.get("cluster", {}))
-    cluster.setdefault("gpus_per_node", 8)
-    cluster.setdefault("gpu_models", {})
-    cluster.setdefault("gpu_constraints", {})
-    cluster.setdefault("threads_per_rank", 1)
     study = Study(name=config["study"], design=design, models=models, data=data, axes=axes, baseline=baseline,
-                  cross=cross, synthetic={"seed": 1234, **config.get("synthetic", {})}, cluster=cluster,
-                  description=config.get("description", ""), config=config, neox=neox, audit=audit)
+                  cross=cross, synthetic=dict(config["synthetic"]), cluster=dict(config["cluster"]),
+                  description=config.get("description", ""), config=config, neox=neox, audit=dict(config["audit"]),
+                  train_settings=dict(config["train"]))
     _check_cells(study, fail, root)
     return study
 
@@ -605,8 +495,13 @@ def _check_model_data(axes: dict[str, list], baseline: dict[str, Any], design: s
                                                 "add it, or cross the data axis (cross: [..., data])")
 
 
+#: Model keys the grid reads itself; every other key that names a TrainConfig field is passed through.
+_MODEL_KEYS = frozenset({"reference", "data", "start_step", "recipe", "global_batch"})
+
+
 def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fail) -> Model:
     from retrace.pythia.recipes import RECIPE_SIZES, normalize_size, recipe_for
+    from retrace.spec import TrainConfig
 
     recipe = spec.get("recipe")
     try:
@@ -620,7 +515,7 @@ def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fai
             raise fail(f"models.{name}", f"cannot tell the Pythia size from reference {spec['reference']!r}: "
                                          f"set models.{name}.recipe (or global_batch)")
         size = None
-    global_batch = spec.get("global_batch") or (recipe_for(size).global_batch if size else DEFAULT_GLOBAL_BATCH)
+    global_batch = spec.get("global_batch") or (recipe_for(size).global_batch if size else GLOBAL_BATCH)
     build = None
     if "build" in spec:
         b = spec["build"]
@@ -629,7 +524,7 @@ def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fai
         if b["data"] not in data:
             raise fail(f"models.{name}.build.data", f"{b['data']!r} is not a data variant "
                                                     f"(defined under data: {', '.join(data)})")
-        layout = Layout(**b["parallel"])
+        layout = Parallel(**b["parallel"])
         if layout.global_batch != global_batch:
             raise fail(f"models.{name}.build.parallel",
                        f"gpus·pdbs·gas = {layout.gpus}·{layout.pdbs}·{layout.gas} = {layout.global_batch} breaks "
@@ -638,16 +533,15 @@ def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fai
         if seq_length is not None and seq_length > b["shape"]["seq_len"]:
             raise fail(f"models.{name}.seq_length", f"{seq_length} exceeds build.shape.seq_len {b['shape']['seq_len']}")
         build = Build(shape=tuple((k, int(b["shape"][k])) for k in ("n_layers", "hidden", "heads", "vocab", "seq_len")),
-                      init_seed=int(b.get("init_seed", 1234)), data=data[b["data"]], parallel=layout,
-                      steps=int(b["steps"]), seed=int(b.get("seed", 1234)), precision=b.get("precision", "fp16"),
-                      attention=b.get("attention", "flash"))
-    return Model(name=name, reference=spec["reference"], start_step=int(spec.get("start_step", 0)), recipe=size,
-                 global_batch=int(global_batch), seq_length=spec.get("seq_length"), lr=spec.get("lr"),
-                 min_lr=spec.get("min_lr"), train_iters=spec.get("train_iters"),
-                 warmup_iters=spec.get("warmup_iters"), documented=spec.get("documented"),
+                      init_seed=int(b["init_seed"]), data=data[b["data"]], parallel=layout,
+                      steps=int(b["steps"]), seed=int(b["seed"]), precision=b["precision"],
+                      attention=b["attention"])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = tuple((k, v) for k, v in spec.items() if k in fields and k not in _MODEL_KEYS)
+    return Model(name=name, reference=spec["reference"], start_step=int(spec["start_step"]), recipe=size,
+                 global_batch=int(global_batch), documented=spec.get("documented"),
                  hub_cache=spec.get("hub_cache"), build=build,
-                 data=tuple(spec["data"]) if "data" in spec else None,
-                 checkpoint_activations=bool(spec.get("checkpoint_activations", False)))
+                 data=tuple(spec["data"]) if "data" in spec else None, settings=settings)
 
 
 def _check_cells(study: Study, fail, root: Path) -> None:
@@ -665,8 +559,15 @@ def _check_cells(study: Study, fail, root: Path) -> None:
             raise fail(f"models.{m.name}.hub_cache", f"reference {m.reference} is also used by model "
                                                      f"{other.name!r} from another hub cache")
     seen: dict[str, Cell] = {}
+    placed: set[tuple[int, str]] = set()
     for cell in study.cells():
         m, lay = cell.model, cell.parallel
+        if (lay.gpus, cell.gpu_type) not in placed:  # resources the train job will ask for, checked now
+            try:
+                place(gpus=lay.gpus, gpu_type=cell.gpu_type, cluster=study.cluster)
+            except RetraceError as exc:
+                raise fail(f"axes.parallel[{axes['parallel'].index(lay)}]", f"cell {cell.id}: {exc}") from None
+            placed.add((lay.gpus, cell.gpu_type))
         if lay.global_batch != m.global_batch:
             i = axes["parallel"].index(lay)
             raise fail(f"axes.parallel[{i}]", f"gpus·pdbs·gas = {lay.gpus}·{lay.pdbs}·{lay.gas} = {lay.global_batch} "
@@ -676,7 +577,7 @@ def _check_cells(study: Study, fail, root: Path) -> None:
                        f"steps {cell.steps} is not beyond models.{m.name}.start_step {m.start_step}")
         if cell.data.source == "synthetic" and cell.data.format == "preshuffled":
             want = study.synthetic_seq_length()
-            have = m.seq_length if m.seq_length is not None else _recipe_seq_length(m)
+            have = m.seq_length or (m.recipe_values().seq_length if m.recipe else SEQ_LENGTH)
             if have != want:
                 raise fail(f"models.{m.name}.seq_length",
                            f"{have} differs from the item length of the synthetic preshuffled stream "
@@ -700,12 +601,6 @@ def _check_cells(study: Study, fail, root: Path) -> None:
                            f"cells training model {m.name!r} to step {cell.steps} compare against step "
                            f"{missing[0]}, which local reference {m.reference} in {m.hub_cache} lacks "
                            f"(it has: {_show_steps(available[m.name])})")
-
-
-def _recipe_seq_length(m: Model) -> int:
-    from retrace.pythia.recipes import recipe_for
-
-    return recipe_for(m.recipe).seq_length if m.recipe else 2048
 
 
 def _show_steps(steps: set[int]) -> str:

@@ -15,6 +15,8 @@ Paths::
 
 from __future__ import annotations
 
+from retrace import rundir
+
 RESULTS = "results"
 RESOURCES = "resources"
 CELLS_TABLE = f"{RESULTS}/cells.parquet"
@@ -27,15 +29,15 @@ def run_dir(cell: str) -> str:
 
 
 def manifest(cell: str) -> str:
-    return f"{run_dir(cell)}/checkpoints/manifest.json"
+    return f"{run_dir(cell)}/{rundir.MANIFEST}"
 
 
 def similarity(cell: str) -> str:
-    return f"{run_dir(cell)}/similarity.parquet"
+    return f"{run_dir(cell)}/{rundir.SIMILARITY}"
 
 
 def similarity_tensors(cell: str) -> str:
-    return f"{run_dir(cell)}/similarity_tensors.parquet"
+    return f"{run_dir(cell)}/{rundir.SIMILARITY_TENSORS}"
 
 
 def log(rule: str, name: str) -> str:
@@ -83,10 +85,19 @@ def build_init_dir(init_key: str) -> str:
     return f"{RESOURCES}/build/init/{init_key}"
 
 
+def build_run_dir(model_name: str) -> str:
+    """The run directory of a built reference's training (``reference_train``)."""
+    return f"{RESOURCES}/build/{model_name}/run"
+
+
+def reference_dir(key: str) -> str:
+    return f"{RESOURCES}/references/{key}"
+
+
 def reference_file(key: str, step: int) -> str:
-    return f"{RESOURCES}/references/{key}/step{step}.safetensors"
+    return f"{reference_dir(key)}/{rundir.checkpoint_name(step)}"
 
 
 def reference_steps(key: str, first: int, last: int) -> str:
     """The record that every published checkpoint from ``first`` to ``last`` (Pythia schedule) is fetched."""
-    return f"{RESOURCES}/references/{key}/steps{first}-{last}.json"
+    return f"{reference_dir(key)}/steps{first}-{last}.json"

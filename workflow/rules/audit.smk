@@ -24,16 +24,16 @@ rule audit:
         ),
     log:
         "results/logs/audit/audit.log",
-    params:
-        repos=audit_repos_arg,
-        options=audit_options,
-    threads: 1
     # Hub metadata requests, where Snakemake runs (compute nodes often cannot reach the Hub)
     localrule: True
     conda:
         TOOLS_ENV
+    threads: 1
+    params:
+        repos=audit_repos_arg,
+        options=audit_options,
     shell:
         logged(
-            "{RETRACE} audit {params.repos} {params.options} --parquet {output.parquet:q}"
+            "retrace audit {params.repos} {params.options} --parquet {output.parquet:q}"
             " --summary {output.summary:q} --quiet"
         )

@@ -1,28 +1,39 @@
-# Shared by every rule: the study (cells), wildcard constraints, paths and the input/param/resource
-# functions. All logic is in retrace.grid / retrace.paths (pure Python, unit-tested); these are wrappers.
+# Shared by every rule: the study (its cells), wildcard constraints, and the input, param and resource
+# functions. Only functions live here; the logic they call is in the retrace package (unit-tested):
+# retrace.grid (the study), retrace.launch (a run's spec), retrace.placement (its resources),
+# retrace.paths and retrace.rundir (where things are written), retrace.jobs (the local jobs).
 import shlex
 import sys
 from pathlib import Path
 
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-_PKG_DIR = Path(workflow.basedir) / "workflow"
-if str(_PKG_DIR) not in sys.path:
-    sys.path.insert(0, str(_PKG_DIR))
+sys.path.insert(
+    0, str(Path(workflow.basedir) / "workflow")
+)  # this checkout's package, first
 
+from retrace import jobs, launch
 from retrace import paths as layout
+from retrace import rundir
+from retrace.audit.plan import audit_options as _audit_options
+from retrace.audit.plan import audit_repos
 from retrace.grid import CELL_ID_PATTERN, TOKEN, load_study
+from retrace.placement import place
+from retrace.pythia.schedule import save_steps
 
 STUDY = load_study(config, root=workflow.basedir)
 
-# Every retrace command runs the package of this checkout (PYTHONPATH) with the job's Python: the
-# activated environment's under --sdm conda, else the interpreter Snakemake itself runs in. It is used
-# as a global in the shell commands, not as a param: params are rerun triggers, and moving the checkout
-# or the virtualenv must not rerun a study.
+# The rules call `retrace` (workflow/bin/retrace), which runs this checkout's package under the job's Python,
+# the activated environment's under --sdm conda, else the interpreter Snakemake itself runs in. It is
+# set up once here for every shell command (not as params: params are rerun triggers, and moving the
+# checkout or the virtualenv must not rerun a study).
 _CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-_PYTHON = "python" if _CONDA else shlex.quote(sys.executable)
-RETRACE = f"env PYTHONPATH={shlex.quote(str(_PKG_DIR))}${{PYTHONPATH:+:$PYTHONPATH}} {_PYTHON} -m retrace"
-_DEPS = sorted({cell.axes["deps"] for cell in STUDY.cells()})
+_PYTHON = "python" if _CONDA else sys.executable
+_BIN = Path(workflow.basedir) / "workflow" / "bin"
+shell.prefix(
+    f"set -euo pipefail; export PATH={shlex.quote(str(_BIN))}:\"$PATH\" RETRACE_PYTHON={shlex.quote(_PYTHON)}; "
+)
+_DEPS = sorted({cell.deps for cell in STUDY.cells()})
 if len(_DEPS) > 1 and not _CONDA:
     print(
         f"retrace: warning: the study's deps axis has {len(_DEPS)} values ({', '.join(_DEPS)}) but conda "
@@ -32,13 +43,11 @@ if len(_DEPS) > 1 and not _CONDA:
     )
 #: The environment of the rules outside the grid's `deps` axis (data, fetch, compare, report): CPU work.
 TOOLS_ENV = f"{workflow.basedir}/envs/torch-cpu.yaml"
-
-
-def hub_env(model):
-    """Environment settings (for `env`) that make a local reference's hub cache the one read, offline."""
-    if not model.is_local:
-        return ""
-    return f"HF_HUB_CACHE={shlex.quote(model.hub_cache)} HF_HUB_OFFLINE=1"
+#: A cell's run directory, as a pattern of the {cell} wildcard.
+RUN = layout.run_dir("{cell}")
+AUDIT_PARQUET = "results/audit/audit.parquet"
+AUDIT_SUMMARY = "results/audit/summary.txt"
+CROSS_GENERATION_TABLE = "results/tables/cross_generation.parquet"
 
 
 wildcard_constraints:
@@ -62,8 +71,15 @@ def logged(command):
     mark = shlex.quote(layout.FAILURE_MARK)
     return (
         f"({command}) > {{log:q}} 2>&1 "
-        f"|| {{{{ s=$?; echo {mark}\" (exit status $s)\" >> {{log:q}}; exit $s; }}}}"
+        f'|| {{{{ s=$?; echo {mark}" (exit status $s)" >> {{log:q}}; exit $s; }}}}'
     )
+
+
+def hub_env(model):
+    """Environment settings (for `env`) that make a local reference's hub cache the one read, offline."""
+    if not model.is_local:
+        return ""
+    return f"HF_HUB_CACHE={shlex.quote(model.hub_cache)} HF_HUB_OFFLINE=1"
 
 
 # ---------------------------------------------------------------------------------------- targets
@@ -75,6 +91,16 @@ def final_outputs():
         "results/tables/similarity.parquet",
         "results/report/index.html",
     ]
+
+
+def audit_targets():
+    """The audit outputs the default target asks for: both when the study sets audit.in_all, else none."""
+    return [AUDIT_PARQUET, AUDIT_SUMMARY] if STUDY.audit["in_all"] else []
+
+
+def cross_generation_targets():
+    """The table when the study sets `cross_generation` (an optional input of the report), else none."""
+    return [CROSS_GENERATION_TABLE] if jobs.cross_generation_entries(STUDY) else []
 
 
 # ------------------------------------------------------------------------------------------- cells
@@ -95,31 +121,31 @@ def variant_of(wildcards):
     return STUDY.data[wildcards.variant]
 
 
-def data_prefix(variant):
-    return layout.data_prefix(variant, STUDY.synthetic["seed"])
-
-
 def data_ready(variant):
     return layout.data_ready(variant, STUDY.synthetic["seed"])
 
 
 def synth_options(wildcards):
     """`retrace synth` flags from the config's `synthetic` section (seed comes from the path)."""
-    flags = {"tokens": "--tokens", "vocab": "--vocab", "seq_length": "--seq-length", "epochs": "--epochs",
-             "index_seed": "--index-seed", "dup_copies": "--dup-copies", "planted_share": "--planted-share"}
-    return " ".join(f"{flag} {STUDY.synthetic[key]}" for key, flag in flags.items() if key in STUDY.synthetic)
+    flags = {
+        "tokens": "--tokens",
+        "vocab": "--vocab",
+        "seq_length": "--seq-length",
+        "epochs": "--epochs",
+        "index_seed": "--index-seed",
+        "dup_copies": "--dup-copies",
+        "planted_share": "--planted-share",
+    }
+    return " ".join(
+        f"{flag} {STUDY.synthetic[key]}"
+        for key, flag in flags.items()
+        if key in STUDY.synthetic
+    )
 
 
-def pile_corpus(wildcards):
-    return variant_of(wildcards).corpus
-
-
-def pile_kind(wildcards):
-    return variant_of(wildcards).format
-
-
-def pile_path(wildcards):
-    return variant_of(wildcards).path
+def pile_source(wildcards):
+    v = variant_of(wildcards)
+    return {"corpus": v.corpus, "format": v.format, "path": v.path}
 
 
 def order_record(variant, model):
@@ -134,7 +160,7 @@ def order_data_ready(wildcards):
 
 
 def order_prefix(wildcards):
-    return data_prefix(variant_of(wildcards))
+    return layout.data_prefix(variant_of(wildcards), STUDY.synthetic["seed"])
 
 
 def order_kind(wildcards):
@@ -150,13 +176,13 @@ def order_shuffle(wildcards):
 
 def reference_steps_record(cell):
     """The record of every published checkpoint a cell compares with (one input instead of 154)."""
-    return layout.reference_steps(cell.model.reference_key, cell.model.start_step, cell.steps)
+    return layout.reference_steps(
+        cell.model.reference_key, cell.model.start_step, cell.steps
+    )
 
 
 def reference_step_files(wildcards):
-    from retrace.grid import checkpoint_steps
-
-    steps = checkpoint_steps(int(wildcards.first), int(wildcards.last))
+    steps = save_steps(int(wildcards.first), int(wildcards.last))
     return [layout.reference_file(wildcards.repo, s) for s in steps]
 
 
@@ -179,14 +205,15 @@ def fetch_env(wildcards):
 
 
 def built_model(wildcards):
-    model = STUDY.models[wildcards.model]
-    if model.build is None:
-        raise ValueError(f"model {model.name} has no build section")
-    return model
+    return STUDY.models[wildcards.model]
 
 
 def reference_init_args(wildcards):
-    build = next(m.build for m in STUDY.models.values() if m.build and m.build.init_key == wildcards.init)
+    build = next(
+        m.build
+        for m in STUDY.models.values()
+        if m.build and m.build.init_key == wildcards.init
+    )
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in build.shape)
     return f"{flags} --seed {build.init_seed}"
 
@@ -197,17 +224,23 @@ def reference_init_config(wildcards):
 
 def reference_train_inputs(wildcards):
     model = built_model(wildcards)
-    return {"init": reference_init_config(wildcards), "data": data_ready(model.build.data),
-            "order": order_record(model.build.data, model)}
+    return {
+        "init": reference_init_config(wildcards),
+        "data": data_ready(model.build.data),
+        "order": order_record(model.build.data, model),
+    }
 
 
-def reference_train_args(wildcards):
-    return shlex.join(STUDY.build_train_args(built_model(wildcards)))
+def reference_train_spec(wildcards):
+    """The built reference's training settings (retrace.spec.TrainConfig) as one JSON param."""
+    return launch.build_spec(STUDY, built_model(wildcards)).to_json()
 
 
 def reference_threads(wildcards):
-    lay = built_model(wildcards).build.parallel
-    return min(lay.gpus, STUDY.cluster["gpus_per_node"]) * STUDY.cluster["threads_per_rank"]
+    build = built_model(wildcards).build
+    return place(
+        gpus=build.parallel.gpus, gpu_type="cpu", cluster=STUDY.cluster
+    ).threads
 
 
 def reference_repo(wildcards):
@@ -223,59 +256,47 @@ def reference_hub_cache(wildcards):
 
 def train_inputs(wildcards):
     cell = cell_of(wildcards)
-    return {"data": data_ready(cell.data), "published": built_record(cell.model),
-            "order": order_record(cell.data, cell.model)}
+    return {
+        "data": data_ready(cell.data),
+        "published": built_record(cell.model),
+        "order": order_record(cell.data, cell.model),
+    }
 
 
-def train_args(wildcards):
-    """The `retrace train` arguments of a cell (everything but --out and --threads)."""
-    return shlex.join(STUDY.train_args(cell_of(wildcards)))
+def train_spec(wildcards):
+    """The cell's training settings (retrace.spec) as one JSON param: a changed setting reruns the cell."""
+    return launch.train_spec(STUDY, cell_of(wildcards)).to_json()
+
+
+def train_command(wildcards):
+    """`train`, or `neox-run` for an engine-neox cell."""
+    return launch.train_command(cell_of(wildcards))
 
 
 def placement(wildcards):
-    """retrace.grid.Placement: what the cell's train job asks for (None: not asked for)."""
-    return STUDY.placement(cell_of(wildcards))
+    """retrace.placement.Placement: what the cell's train job asks for."""
+    cell = cell_of(wildcards)
+    return place(gpus=cell.parallel.gpus, gpu_type=cell.gpu_type, cluster=STUDY.cluster)
+
+
+def train_launcher(wildcards):
+    """What starts the ranks: srun across nodes, nothing on one node or for GPT-NeoX (it starts its own)."""
+    return (
+        "" if train_command(wildcards) == "neox-run" else placement(wildcards).launcher
+    )
+
+
+def train_resource(name):
+    """The train rule's resource ``name`` (gpu, nodes, slurm_extra …) from the cell's placement."""
+
+    def value(wildcards, threads=None, attempt=1):
+        return placement(wildcards).resource(name, threads)
+
+    return value
 
 
 def train_threads(wildcards):
     return placement(wildcards).threads
-
-
-def train_gpu(wildcards, attempt=1):
-    return placement(wildcards).gpu
-
-
-def train_gpu_model(wildcards, attempt=1):
-    return placement(wildcards).gpu_model
-
-
-def train_constraint(wildcards, attempt=1):
-    return placement(wildcards).constraint
-
-
-def train_nodes(wildcards, attempt=1):
-    return placement(wildcards).nodes
-
-
-def train_tasks_per_node(wildcards, attempt=1):
-    return placement(wildcards).tasks_per_node
-
-
-def train_mpi(wildcards, attempt=1):
-    return placement(wildcards).mpi
-
-
-def train_cpus_per_task(wildcards, threads, attempt=1):
-    cpus = placement(wildcards).cpus_per_task
-    return threads if cpus is None else cpus
-
-
-def train_slurm_extra(wildcards, attempt=1):
-    return placement(wildcards).slurm_extra
-
-
-def train_launcher(wildcards):
-    return placement(wildcards).launcher
 
 
 def train_env(wildcards):
@@ -287,11 +308,14 @@ def train_env(wildcards):
 
 def compare_inputs(wildcards):
     cell = cell_of(wildcards)
-    return {"manifest": layout.manifest(cell.id), "references": reference_steps_record(cell)}
+    return {
+        "manifest": layout.manifest(cell.id),
+        "references": reference_steps_record(cell),
+    }
 
 
 def compare_reference_dir(wildcards):
-    return f"resources/references/{cell_of(wildcards).model.reference_key}"
+    return layout.reference_dir(cell_of(wildcards).model.reference_key)
 
 
 def compare_reference(wildcards):
@@ -300,6 +324,18 @@ def compare_reference(wildcards):
 
 def cell_env(wildcards):
     return hub_env(cell_of(wildcards).model)
+
+
+def cross_generation_published(wildcards):
+    """Built local references are read once published into their hub cache."""
+    return sorted(
+        {
+            r
+            for e in jobs.cross_generation_entries(STUDY)
+            for m in jobs.cross_generation_models(STUDY, e)
+            for r in built_record(m)
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -312,37 +348,6 @@ def report_documented(wildcards):
 
 
 # ------------------------------------------------------------------------------------------ audit
-# The audit target (audit.smk): `retrace audit` over the study's references and audit.repos.
-
-from retrace.errors import RetraceError
-
-AUDIT_PARQUET = "results/audit/audit.parquet"
-AUDIT_SUMMARY = "results/audit/summary.txt"
-
-
-def audit_targets():
-    """The audit outputs the default target asks for: both when the study sets audit.in_all, else none."""
-    return [AUDIT_PARQUET, AUDIT_SUMMARY] if STUDY.audit["in_all"] else []
-
-
-def audit_repos():
-    """The references the cells train and compare against, then audit.repos, each once."""
-    return list(dict.fromkeys([m.reference for m in STUDY.used_models()] + list(STUDY.audit["repos"])))
-
-
-def audit_cache():
-    """The hub cache an all-local study is audited from (offline), or None when every reference is on the Hub."""
-    local = sorted({m.hub_cache for m in STUDY.used_models() if m.is_local})
-    remote = [m.name for m in STUDY.used_models() if not m.is_local]
-    if not local:
-        return None
-    if remote or len(local) > 1:
-        raise RetraceError(
-            f"audit: study {STUDY.name} mixes references from the Hub ({', '.join(remote) or 'none'}) and "
-            f"local hub caches ({', '.join(local)}); `retrace audit` reads one source, so audit them "
-            "separately (retrace audit REPO… [--offline --cache-dir DIR])"
-        )
-    return local[0]
 
 
 def audit_published(wildcards):
@@ -351,54 +356,8 @@ def audit_published(wildcards):
 
 
 def audit_repos_arg(wildcards):
-    return shlex.join(audit_repos())
+    return shlex.join(audit_repos(STUDY))
 
 
 def audit_options(wildcards):
-    """--offline --cache-dir and the last published step for local references; --weights if asked."""
-    from retrace.grid import local_reference_steps
-
-    flags = []
-    cache = audit_cache()
-    if cache is not None:
-        last = 0
-        for m in STUDY.used_models():
-            steps = m.build.saved_steps() if m.build is not None else local_reference_steps(m.hub_cache, m.reference)
-            last = max([last, *steps])
-        flags += ["--offline", "--cache-dir", cache, "--max-step", str(last)]
-    if STUDY.audit["weights"]:
-        flags.append("--weights")
-    return shlex.join(flags)
-
-
-# ------------------------------------------------------------------------------------- run blocks
-
-
-def write_cells_table(path, log_path):
-    from retrace.io import write_parquet
-
-    frame = STUDY.cells_frame()
-    write_parquet(path, frame)
-    Path(log_path).write_text(f"{len(frame)} cells of study {STUDY.name} -> {path}\n")
-
-
-def write_reference_steps(files, path, log_path):
-    """One record per (repo, first, last): the fetched checkpoints a compare job reads, with their sizes.
-    A compare job depends on it instead of on each of its (up to 154) checkpoints: the same ordering and
-    rerun triggers, with 150× fewer edges in the DAG."""
-    from retrace.io import write_json
-
-    write_json(path, {"files": {f: Path(f).stat().st_size for f in files}})
-    Path(log_path).write_text(f"{len(files)} checkpoints -> {path}\n")
-
-
-def prepare_pile_variant(wildcards, params, output, log_path):
-    """Download and merge (or check a copy of) one Pile variant; the JSON record is written last."""
-    from retrace.data.variants import prepare_variant
-    from retrace.io import write_json
-
-    with open(log_path, "w") as fh:
-        prefix = prepare_variant(params.data, params.kind, params.dest, path=params.path,
-                                 log=lambda msg: print(msg, file=fh, flush=True))
-        print(f"{wildcards.variant}: {prefix}", file=fh)
-    write_json(output[0], {"variant": wildcards.variant, "prefix": str(prefix)})
+    return shlex.join(_audit_options(STUDY))

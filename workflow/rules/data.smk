@@ -9,15 +9,17 @@ rule synth_data:
         "resources/data/synthetic/s{seed}/manifest.json",
     log:
         "results/logs/synth_data/s{seed}.log",
-    params:
-        out="resources/data/synthetic/s{seed}",
-        options=synth_options,
-    threads: 1
     localrule: True
     conda:
         TOOLS_ENV
+    threads: 1
+    params:
+        out="resources/data/synthetic/s{seed}",
+        options=synth_options,
     shell:
-        logged("{RETRACE} synth --out {params.out:q} --seed {wildcards.seed} {params.options}")
+        logged(
+            "retrace synth --out {params.out:q} --seed {wildcards.seed} {params.options}"
+        )
 
 
 rule pile_data:
@@ -25,18 +27,19 @@ rule pile_data:
         "resources/data/pile/{variant}.json",
     log:
         "results/logs/pile_data/{variant}.log",
-    params:
-        data=pile_corpus,
-        kind=pile_kind,
-        path=pile_path,
-        dest="resources/data/pile/{variant}",
+    localrule: True
     threads: 1
     resources:
         # one slot per download: `--resources downloads=4` caps parallel Hub downloads
         downloads=1,
-    localrule: True
+    params:
+        # what the variant is: changing it redoes the data
+        source=pile_source,
+        dest="resources/data/pile/{variant}",
     run:
-        prepare_pile_variant(wildcards, params, output, log[0])
+        jobs.prepare_pile_variant(
+            STUDY, wildcards.variant, params.dest, output[0], log[0]
+        )
 
 
 rule order_maps:
@@ -46,16 +49,16 @@ rule order_maps:
         "resources/order/{variant}/ns{num_samples}_sl{seq_length}_s{order_seed}.json",
     log:
         "results/logs/order_maps/{variant}/ns{num_samples}_sl{seq_length}_s{order_seed}.log",
+    conda:
+        TOOLS_ENV
+    threads: 1
     params:
         prefix=order_prefix,
         kind=order_kind,
         shuffle=order_shuffle,
-    threads: 1
-    conda:
-        TOOLS_ENV
     shell:
         logged(
-            "{RETRACE} order --data {params.prefix:q} --kind {params.kind} {params.shuffle}"
+            "retrace order --data {params.prefix:q} --kind {params.kind} {params.shuffle}"
             " --num-samples {wildcards.num_samples} --seq-length {wildcards.seq_length}"
             " --seed {wildcards.order_seed} --marker {output:q}"
         )

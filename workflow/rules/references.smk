@@ -11,17 +11,19 @@ rule fetch_reference:
         "resources/references/{repo}/step{step}.safetensors",
     log:
         "results/logs/fetch_reference/{repo}/step{step}.log",
-    params:
-        env=fetch_env,
+    localrule: True
+    conda:
+        TOOLS_ENV
     threads: 1
     resources:
         # one slot per download: `--resources downloads=4` caps parallel Hub downloads
         downloads=1,
-    localrule: True
-    conda:
-        TOOLS_ENV
+    params:
+        env=fetch_env,
     shell:
-        logged("env {params.env} {RETRACE} fetch-reference --source {wildcards.repo}@step{wildcards.step} --out {output:q}")
+        logged(
+            "env {params.env} retrace fetch-reference --source {wildcards.repo}@step{wildcards.step} --out {output:q}"
+        )
 
 
 rule reference_steps:
@@ -33,7 +35,7 @@ rule reference_steps:
         "results/logs/reference_steps/{repo}/steps{first}-{last}.log",
     localrule: True
     run:
-        write_reference_steps(input, output[0], log[0])
+        jobs.write_reference_steps(list(input), output[0], log[0])
 
 
 # An offline study's own "published" runs (models.<name>.build): a step 0, a training run in the
@@ -46,13 +48,15 @@ rule reference_init:
         config="resources/build/init/{init}/config.json",
     log:
         "results/logs/reference_init/{init}.log",
-    params:
-        args=reference_init_args,
-    threads: 1
     conda:
         TOOLS_ENV
+    threads: 1
+    params:
+        args=reference_init_args,
     shell:
-        logged("{RETRACE} reference init {params.args} --out resources/build/init/{wildcards.init}")
+        logged(
+            "retrace reference init {params.args} --out resources/build/init/{wildcards.init}"
+        )
 
 
 rule reference_train:
@@ -62,16 +66,16 @@ rule reference_train:
         manifest="resources/build/{model}/run/checkpoints/manifest.json",
     log:
         "results/logs/reference_train/{model}.log",
-    params:
-        args=reference_train_args,
-        out="resources/build/{model}/run",
-        threads_per_rank=STUDY.cluster["threads_per_rank"],
-    threads: reference_threads
     conda:
         TOOLS_ENV
+    threads: reference_threads
+    params:
+        spec=reference_train_spec,
+        out=layout.build_run_dir("{model}"),
+        threads_per_rank=STUDY.cluster["threads_per_rank"],
     shell:
         logged(
-            "{RETRACE} train {params.args} --threads {params.threads_per_rank} --out {params.out:q}"
+            "retrace train --spec {params.spec:q} --threads {params.threads_per_rank} --out {params.out:q}"
         )
 
 
@@ -83,14 +87,14 @@ rule reference_publish:
         "resources/build/{model}/published.json",
     log:
         "results/logs/reference_publish/{model}.log",
+    conda:
+        TOOLS_ENV
+    threads: 1
     params:
         repo=reference_repo,
         hub_cache=reference_hub_cache,
-    threads: 1
-    conda:
-        TOOLS_ENV
     shell:
         logged(
-            "{RETRACE} reference publish --run resources/build/{wildcards.model}/run --config {input.config:q}"
+            "retrace reference publish --run resources/build/{wildcards.model}/run --config {input.config:q}"
             " --hub-cache {params.hub_cache:q} --repo {params.repo:q} --record {output:q}"
         )

@@ -13,12 +13,12 @@ rule cells_table:
         ),
     log:
         "results/logs/cells_table/cells.log",
+    localrule: True
     params:
         # the cell ids: adding a cell changes this parameter, which reruns the table (and what reads it)
         cells=STUDY.cell_ids(),
-    localrule: True
     run:
-        write_cells_table(output[0], log[0])
+        jobs.write_cells_table(STUDY, output[0], log[0])
 
 
 rule aggregate:
@@ -50,7 +50,9 @@ rule aggregate:
     conda:
         TOOLS_ENV
     shell:
-        logged("{RETRACE} aggregate --cells {input.cells:q} --runs results/runs --out results/tables")
+        logged(
+            "retrace aggregate --cells {input.cells:q} --runs results/runs --out results/tables"
+        )
 
 
 rule report:
@@ -87,10 +89,12 @@ rule report:
         ),
     log:
         "results/logs/report/report.log",
-    params:
-        documented=report_documented,
     localrule: True
     conda:
         TOOLS_ENV
+    params:
+        documented=report_documented,
     shell:
-        logged("{RETRACE} report --tables results/tables --out results/report {params.documented}")
+        logged(
+            "retrace report --tables results/tables --out results/report {params.documented}"
+        )

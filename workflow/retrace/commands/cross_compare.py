@@ -12,7 +12,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from retrace.commands.report import parse_steps
+    from retrace.commands import steps_arg
 
     p = sub.add_parser(
         "cross-compare",
@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="the repo whose checkpoints are compared (org/name)")
     p.add_argument("--against", nargs="+", required=True, metavar="REPO", help="the other repos")
-    p.add_argument("--steps", type=parse_steps, required=True, help="comma-separated steps, e.g. 0,1,2,4,1000")
+    p.add_argument("--steps", type=steps_arg, required=True,
+                   help="comma-separated steps or Pythia-schedule ranges, e.g. 0,1,2,4,1000-3000")
     p.add_argument("--cache-dir", default=None, help="Hugging Face hub cache (default: HF_HUB_CACHE / ~/.cache)")
     p.add_argument(
         "--intersection",

@@ -33,67 +33,32 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from retrace.spec import NeoXRunConfig, add_arguments
+
     p = sub.add_parser(
         "neox-run",
         help="train one cell with GPT-NeoX v1.0 itself, from the published weights (engine neox)",
         description=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--reference", required=True, metavar="SRC",
-                   help="start weights: a local path, org/repo (with --start-step: org/repo@step{N}) or org/repo@rev")
-    p.add_argument("--start-step", type=int, default=0, help="published step to start from (default 0)")
-    p.add_argument("--data", required=True, metavar="PREFIX", help="raw tokenized corpus prefix (…_text_document)")
-    p.add_argument("--data-kind", choices=("raw", "preshuffled"), default="raw",
-                   help="must be raw: GPT-NeoX v1.0 builds and shuffles its own index maps")
-    p.add_argument("--gpus", type=int, default=1, help="data-parallel ranks")
-    p.add_argument("--pdbs", type=int, required=True, help="micro batch per rank")
-    p.add_argument("--gas", type=int, required=True, help="gradient accumulation steps")
-    p.add_argument("--attention", choices=("flash", "global"), default="flash")
-    p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,
-                   help="default: the published one (bf16 for 1b)")
-    p.add_argument("--steps", type=int, required=True, help="the step the run ends at (absolute step number)")
-    p.add_argument("--seed", type=int, default=1234, help="GPT-NeoX seed (init, and the index maps)")
-    p.add_argument("--size", default=None,
-                   help="Pythia size of the published config (default: from --reference's name or shape)")
-    p.add_argument("--deduped", action="store_true", help="the deduped run's published config")
-    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="needed for --launcher slurm")
-    p.add_argument("--vocab-file", default=None, help="the GPT-NeoX tokenizer file on this machine")
-    p.add_argument("--neox-path", default=None, metavar="DIR", help="the gpt-neox v1.0 checkout (deepy.py)")
-    p.add_argument("--neox-container", default=None, help="Apptainer/Singularity or Docker image")
-    p.add_argument("--neox-runtime", choices=("apptainer", "singularity", "docker"), default="apptainer")
-    p.add_argument("--neox-conda-env", default=None, help="conda environment (instead of a container)")
-    p.add_argument("--neox-python", default="python", help="python inside the environment (default python)")
-    p.add_argument("--neox-bind", action="append", default=[], metavar="PATH",
-                   help="extra path the container must see (repeatable)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="accepted for the train rule's command line; GPT-NeoX sets its own threads")
-    p.add_argument("--dry-run", action="store_true", help="write the load directory and config, print the command, "
-                                                          "run nothing")
-    p.add_argument("--out", required=True, metavar="DIR")
+    add_arguments(p, NeoXRunConfig)
     p.set_defaults(func=run)
 
 
-def neox_env(args: argparse.Namespace):
-    """``NeoXEnv`` from the --neox-* flags; one ``RetraceError`` naming the flag when one is wrong."""
+def neox_env(args):
+    """``NeoXEnv`` from the --neox-* settings; one ``RetraceError`` naming the flag when one is wrong."""
     from retrace.errors import RetraceError
     from retrace.neox.runner import NeoXEnv
 
     if not args.neox_path:
         raise RetraceError("--neox-path: the gpt-neox v1.0 checkout (holding deepy.py and train.py) is required")
-    spec = {"path": args.neox_path, "runtime": args.neox_runtime, "python": args.neox_python,
-            "binds": list(args.neox_bind)}
-    if args.neox_container:
-        spec["container"] = args.neox_container
-    if args.neox_conda_env:
-        spec["conda_env"] = args.neox_conda_env
     try:
-        return NeoXEnv.from_config(spec, where="neox-run")
+        return NeoXEnv.from_config(args.neox_env(), where="neox-run")
     except RetraceError as exc:
         raise RetraceError(str(exc).replace("neox-run.", "--neox-").replace("neox-run:", "--neox-*:")) from None
 
 
-def resolve_size(args: argparse.Namespace, source: str) -> str:
+def resolve_size(args, source: str) -> str:
     """--size, else the Pythia size in --reference's name, else the one of its shape."""
     from retrace.errors import RetraceError
     from retrace.pythia.sizes import pythia_size
@@ -105,12 +70,12 @@ def resolve_size(args: argparse.Namespace, source: str) -> str:
     except RetraceError:
         pass
     from retrace.checkpoints import open_config
-    from retrace.train.trainer import infer_size
+    from retrace.spec import infer_size
 
     return infer_size(open_config(source), args.reference)
 
 
-def prepare(args: argparse.Namespace) -> dict:
+def prepare(args) -> dict:
     """Everything before ``run_cell``: checks, the size, and the load directory (exported if needed)."""
     from retrace.checkpoints import open_config, open_params
     from retrace.checkpoints.neox import is_neox_dir
@@ -160,9 +125,11 @@ def prepare(args: argparse.Namespace) -> dict:
             "source": source, "notes": notes}
 
 
-def run(args: argparse.Namespace) -> int:
+def run(ns: argparse.Namespace) -> int:
     from retrace.neox.runner import run_cell
+    from retrace.spec import NeoXRunConfig, from_arguments
 
+    args = from_arguments(NeoXRunConfig, ns)
     p = prepare(args)
     summary = run_cell(size=p["size"], deduped=p["deduped"], gpus=args.gpus, pdbs=args.pdbs, gas=args.gas,
                        data=os.path.abspath(args.data), steps=args.steps, out=p["out"], neox=p["env"], attention=args.attention,

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from retrace.commands import steps_arg
 from retrace.errors import RetraceError
-
-
-def parse_steps(text: str) -> list[int]:
-    """``1,2,4`` → [1, 2, 4] (argparse turns the error into a usage message naming --steps)."""
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not steps or any(s < 0 for s in steps):
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return steps
 
 
 def parse_documented(items: list[str]) -> dict[str, str]:
@@ -41,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory (results/report/)")
     p.add_argument(
         "--steps",
-        type=parse_steps,
+        type=steps_arg,
         default=None,
         help="comma-separated steps for the tables and per-step counts (default: each model's final common step)",
     )

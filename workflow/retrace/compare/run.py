@@ -24,6 +24,8 @@ import pandas as pd
 from retrace.compare import METRICS
 from retrace.errors import RetraceError
 from retrace.io import write_parquet
+from retrace.pythia.schedule import hub_spec
+from retrace.rundir import RunDir, checkpoint_name
 
 #: Columns of ``similarity.parquet``.
 STEP_COLUMNS = ["step", *METRICS]
@@ -31,7 +33,7 @@ STEP_COLUMNS = ["step", *METRICS]
 
 def load_manifest(run: str | Path) -> list[tuple[int, Path]]:
     """(step, checkpoint path) for every checkpoint of a finished run, in step order."""
-    path = Path(run) / "checkpoints" / "manifest.json"
+    path = RunDir(run).manifest
     if not path.is_file():
         raise RetraceError(f"{path}: not found (the run has not finished training)")
     try:
@@ -50,8 +52,8 @@ def load_manifest(run: str | Path) -> list[tuple[int, Path]]:
 def reference_source(reference: str, reference_dir: str | Path | None, step: int) -> str:
     """Where the published step lives: the shared fetched file, or ``reference@step{N}``."""
     if reference_dir is None:
-        return f"{reference}@step{step}"
-    path = Path(reference_dir) / f"step{step}.safetensors"
+        return hub_spec(reference, step)
+    path = Path(reference_dir) / checkpoint_name(step)
     if not path.is_file():
         raise RetraceError(f"{path}: published step {step} of {reference} not fetched")
     return str(path)

@@ -27,7 +27,6 @@ import math
 import re
 import sys
 from collections.abc import Iterable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ import torch
 from retrace.checkpoints.base import ParamReader
 from retrace.errors import RetraceError
 from retrace.io import write_json, write_parquet
+from retrace.rundir import RunDir, timestamp
 
 LOG_COLUMNS = ("step", "loss", "lr", "loss_scale", "grad_norm", "skipped", "tokens_per_s", "step_time_s",
                "lr_iter", "adam_steps")
@@ -125,10 +125,10 @@ def convert_run(
             f"(found: {', '.join(map(str, have)) or 'none'}"
             + (f"; start step looked up in {load_dir} too" if load_dir is not None else "") + ")"
         )
-    ckpt_dir = Path(out) / "checkpoints"
+    run = RunDir(out)
     files = []
     for s in wanted:
-        path = ckpt_dir / f"step{s}.safetensors"
+        path = run.checkpoint(s)
         with NeoXReader(sources[s]) as reader:
             save_params(CastReader(reader, dtype), path, metadata={
                 "step": str(s), "reference": reference, "producer": "gpt-neox v1.0 via retrace.neox",
@@ -136,17 +136,17 @@ def convert_run(
         files.append({"step": s, "file": path.name, "sha256": sha256_file(path)})
     checks: dict[str, object] = {}
     if start_step == 0 and 0 in sources and 1 in sources:
-        same = same_params(ckpt_dir / "step0.safetensors", ckpt_dir / "step1.safetensors")
+        same = same_params(run.checkpoint(0), run.checkpoint(1))
         checks["step1_equals_step0"] = same
         if not same:
             print("retrace neox: WARNING step 1 differs from step 0 although v1.0's first update has LR 0; "
                   "DeeperSpeed may have kept the fp32 master weights of its own initialisation "
                   "(weights-only load under ZeRO-1)", file=sys.stderr)
-    manifest = ckpt_dir / "manifest.json"
+    manifest = run.manifest
     write_json(manifest, {
         "steps": wanted, "files": files, "final_step": steps, "start_step": start_step, "reference": reference,
         "dtype": str(dtype).removeprefix("torch."), "final_loss": final_loss,
-        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), "producer": "gpt-neox",
+        "written": timestamp(), "producer": "gpt-neox",
         "sources": {str(s): str(d) for s, d in sources.items()}, "checks": checks,
     })
     return manifest

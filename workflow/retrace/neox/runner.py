@@ -37,13 +37,13 @@ import os
 import shlex
 import subprocess
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from retrace.errors import RetraceError
 from retrace.io import atomic_open, write_json
 from retrace.neox.config import NeoXConfig, neox_config, write_neox_config
+from retrace.rundir import RunDir, timestamp
 
 RUNTIMES = ("apptainer", "singularity", "docker")
 _ENV_KEYS = {"path", "container", "runtime", "conda_env", "python", "binds"}
@@ -280,7 +280,7 @@ def run_cell(
 
     log = out / "logs" / "neox.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    started = _now()
+    started = timestamp()
     with open(log, "ab") as fh:
         fh.write(f"\n==== retrace: {plan.shell()}\n".encode())
         fh.flush()
@@ -307,15 +307,12 @@ def finish_cell(cfg: NeoXConfig, out: str | os.PathLike, *, load_dir: str | os.P
         rows = parse_neox_log(Path(log).read_text(encoding="utf-8", errors="replace"), start_step=cfg.start_step,
                               seq_length=int(values.get("seq_length", 2048)),
                               initial_scale_power=int(fp16.get("initial_scale_power", 12)), precision=prec)
-    write_train_log(rows, out / "train_log.parquet")
+    run = RunDir(out)
+    write_train_log(rows, run.train_log)
     final_loss = next((r["loss"] for r in reversed(rows) if r["step"] == cfg.steps), None)
-    summary = {"engine": "neox", "finished": _now(), "manifest": str(out / "checkpoints" / "manifest.json"),
+    summary = {"engine": "neox", "finished": timestamp(), "manifest": str(run.manifest),
                "log_rows": len(rows), **cfg.to_dict(), **(extra or {})}
-    write_json(out / "run.json", summary)
+    write_json(run.run_json, summary)
     convert_run(values["save"], out, start_step=cfg.start_step, steps=cfg.steps, save_steps=cfg.save_steps,
                 load_dir=load_dir, reference=reference, final_loss=final_loss)  # the manifest comes last
     return summary
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -19,3 +19,8 @@ NUM_SAMPLES_MARGIN = 1.005
 EOD_TOKEN = 0
 #: Hugging Face repository of the main suite.
 ORG = "EleutherAI"
+#: The forms the Pile is published in: raw (tokenized documents, ordered by GPT-NeoX's index maps) and
+#: preshuffled (EleutherAI's stream of 2049-token training items, already in training order).
+DATA_FORMATS = ("raw", "preshuffled")
+#: Precisions GPT-NeoX v1.0 trains in (DeepSpeed's fp16 block, bf16, or neither).
+PRECISIONS = ("fp16", "bf16", "fp32")

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,12 @@ import torch
 
 from retrace.errors import RetraceError
 from retrace.io import sha256_file, write_json, write_parquet
-from retrace.pythia.recipes import PYTHIA_RECIPES, Recipe, recipe_for
+from retrace.pythia.schedule import hub_spec
 from retrace.pythia.schedule import save_steps as pythia_schedule
+from retrace.rundir import RunDir, timestamp
+from retrace.spec import TrainConfig
 from retrace.train import state as st
 from retrace.train.distributed import DistEnv, detect, launch_local
-
-PRECISIONS = ("fp16", "bf16", "fp32")
-ENGINES = ("builtin", "deepspeed")
-DATA_KINDS = ("raw", "preshuffled")
 
 
 class TrainingInterrupted(Exception):
@@ -54,56 +52,6 @@ class TrainingInterrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
-
-
-@dataclass
-class TrainConfig:
-    """One cell: what to resume, on which data, in which layout, precision and engine, until which step."""
-
-    reference: str
-    data: str
-    out: str
-    steps: int
-    start_step: int = 0
-    data_kind: str = "preshuffled"
-    shuffle_samples: bool = False
-    order_seed: int = 1234
-    gpus: int = 1
-    pdbs: int | None = None
-    gas: int | None = None
-    global_batch: int | None = None
-    seq_length: int | None = None
-    attention: str = "flash"
-    precision: str | None = None  # None: the recipe's (fp16; bf16 for 1b)
-    engine: str = "builtin"
-    seed: int = 1234
-    recipe: str | None = None
-    lr: float | None = None
-    min_lr: float | None = None
-    warmup_iters: int | None = None
-    train_iters: int | None = None
-    threads: int | None = None
-    device: str = "auto"  # auto | cpu | cuda
-    checkpoint_activations: bool = False
-    rotary_angles: str = "neox"  # GPT-NeoX v1.0 under DeepSpeed: half-precision rotary angles
-    gelu: str = "tanh"  # as trained (HF configs say erf)
-    # Run the `gpus` data-parallel ranks one after another in this process (builtin engine): each rank's
-    # fp16 gradients accumulate over its gas micro-batches, then are summed in rank order and averaged,
-    # as the all-reduce would. Same arithmetic as real ranks (bitwise for 2 ranks; with more, the
-    # all-reduce may associate the sum differently). Lets a CPU study use the original many-rank layout.
-    simulate_ranks: bool = False
-    keep_states: int = 2
-    save_steps: list[int] | None = None  # default: the Pythia schedule
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -143,70 +91,23 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _latest_state_step(out: Path) -> int:
-    steps = st.complete_steps(out / "state")
+    steps = st.complete_steps(RunDir(out).state)
     return steps[-1] if steps else -1
 
 
 def _result_from_disk(out: Path) -> TrainResult:
-    manifest = out / "checkpoints" / "manifest.json"
+    run = RunDir(out)
+    manifest = run.manifest
     m = json.loads(manifest.read_text(encoding="utf-8"))
     return TrainResult(out=out, final_step=m["final_step"], saved_steps=m["steps"], manifest=manifest,
-                       log=out / "train_log.parquet", final_loss=m.get("final_loss"))
-
-
-# -- validation ------------------------------------------------------------------------------------------
-def _validate_static(cfg: TrainConfig) -> None:
-    if cfg.precision is not None and cfg.precision not in PRECISIONS:
-        raise RetraceError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.engine not in ENGINES:
-        raise RetraceError(f"--engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
-    if cfg.data_kind not in DATA_KINDS:
-        raise RetraceError(f"--data-kind must be one of {', '.join(DATA_KINDS)}, got {cfg.data_kind!r}")
-    if cfg.attention not in ("flash", "global"):
-        raise RetraceError(f"--attention must be flash or global, got {cfg.attention!r}")
-    if cfg.gpus < 1:
-        raise RetraceError(f"--gpus must be ≥ 1, got {cfg.gpus}")
-    if cfg.start_step < 0:
-        raise RetraceError(f"--start-step must be ≥ 0, got {cfg.start_step}")
-    if cfg.steps <= cfg.start_step:
-        raise RetraceError(f"--steps ({cfg.steps}) must be after --start-step ({cfg.start_step}): "
-                           "it is the step number the run ends at")
-
-
-def resolve_recipe(cfg: TrainConfig, hf_config: dict | None) -> Recipe:
-    """The recipe named by ``cfg.recipe`` or inferred from the reference's shape, with overrides."""
-    size = cfg.recipe
-    if size is None:
-        size = infer_size(hf_config, cfg.reference)
-    overrides = {"global_batch": cfg.global_batch, "seq_length": cfg.seq_length, "lr": cfg.lr,
-                 "min_lr": cfg.min_lr, "warmup_iters": cfg.warmup_iters, "train_iters": cfg.train_iters,
-                 "precision": cfg.precision}
-    return recipe_for(size, **overrides)
-
-
-def infer_size(hf_config: dict | None, reference: str) -> str:
-    from retrace.model import PYTHIA_SIZES, config_from_hf
-
-    if hf_config is not None:
-        try:
-            mc = config_from_hf(hf_config)
-        except RetraceError:
-            mc = None
-        if mc is not None:
-            for name, ref in PYTHIA_SIZES.items():
-                if (ref.n_layers, ref.hidden, ref.heads) == (mc.n_layers, mc.hidden, mc.heads) and name in PYTHIA_RECIPES:
-                    return name
-    raise RetraceError(
-        f"cannot infer the Pythia recipe from {reference!r} (its shape is no Pythia size); "
-        f"pass --recipe SIZE (one of {', '.join(PYTHIA_RECIPES)}) and any overrides"
-    )
+                       log=run.train_log, final_loss=m.get("final_loss"))
 
 
 def resolve_source(reference: str, start_step: int) -> str:
     """``org/repo`` + start step → ``org/repo@step{N}``; local paths and explicit ``@rev`` as given."""
     if "@" in reference or Path(reference).exists():
         return reference
-    return f"{reference}@step{start_step}"
+    return hub_spec(reference, start_step)
 
 
 # -- the trainer -----------------------------------------------------------------------------------------
@@ -215,6 +116,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env or DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, source="single")
         self.out = Path(cfg.out)
+        self.rundir = RunDir(cfg.out)
         self.stop_signal: int | None = None
         self.pg_initialized = False
         self.optimizer_source: dict | None = None
@@ -238,7 +140,7 @@ class Trainer:
     def prepare(self) -> None:
         """Every input check, before any compute: layout, recipe, data length, start weights."""
         cfg = self.cfg
-        _validate_static(cfg)
+        cfg.check()
         if cfg.simulate_ranks:
             if self.env.world_size != 1:
                 raise RetraceError("--simulate-ranks runs every rank in one process; start it without a launcher")
@@ -256,7 +158,7 @@ class Trainer:
             raise
         except Exception as exc:  # noqa: BLE001
             raise RetraceError(f"{self.source}: cannot read the reference's config: {exc}") from exc
-        self.recipe = resolve_recipe(cfg, hf_config)
+        self.recipe = cfg.resolve_recipe(hf_config)
         r = self.recipe
         self.pdbs = cfg.pdbs if cfg.pdbs is not None else r.micro_batch
         self.gas = cfg.gas if cfg.gas is not None else r.gas
@@ -272,7 +174,7 @@ class Trainer:
             pythia_schedule(cfg.start_step, cfg.steps)
         self.save_steps = [s for s in self.save_steps if cfg.start_step <= s <= cfg.steps]
         self._check_start_step()
-        if not st.complete_steps(self.out / "state"):
+        if not st.complete_steps(self.rundir.state):
             self._open_start_params().close()  # a start step the source does not have fails here
 
     def _check_start_step(self) -> None:
@@ -386,28 +288,23 @@ class Trainer:
 
     # ---- resume ----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
-        c = self.cfg
-        return {"reference": c.reference, "start_step": c.start_step, "data": str(c.data), "data_kind": c.data_kind,
-                "shuffle_samples": c.shuffle_samples, "order_seed": c.order_seed, "gpus": c.gpus,
-                "pdbs": self.pdbs, "gas": self.gas, "attention": c.attention, "precision": self.recipe.precision,
-                "engine": c.engine, "recipe": self.recipe.to_dict(), "rotary_angles": c.rotary_angles,
-                "gelu": c.gelu, "simulate_ranks": c.simulate_ranks}
+        return self.cfg.fingerprint(self.recipe)
 
     def _rank_file(self) -> str:
         return f"rank{self.env.rank}.safetensors" if self.cfg.engine == "deepspeed" else "tensors.safetensors"
 
     def _find_resume(self):
-        fp = json.loads(json.dumps(self.fingerprint()))
+        fp = self.fingerprint()
 
         def check(meta: dict) -> None:
             if meta.get("fingerprint") != fp:
                 diff = sorted(k for k in fp if meta.get("fingerprint", {}).get(k) != fp[k])
-                raise RetraceError(f"{self.out / 'state'} holds a state of a different run (differs in: "
+                raise RetraceError(f"{self.rundir.state} holds a state of a different run (differs in: "
                                    f"{', '.join(diff)}); use another --out or delete it")
             if meta["step"] > self.cfg.steps:
-                raise RetraceError(f"{self.out / 'state'} is already at step {meta['step']} > --steps {self.cfg.steps}")
+                raise RetraceError(f"{self.rundir.state} is already at step {meta['step']} > --steps {self.cfg.steps}")
 
-        root = self.out / "state"
+        root = self.rundir.state
         for step in reversed(st.complete_steps(root)):
             d = st.state_dir(root, step)
             try:
@@ -430,7 +327,7 @@ class Trainer:
         model = self._build_model(load=resume is None)
         engine = self._make_engine(model)
         self.engine = engine
-        ckpt_dir = self.out / "checkpoints"
+        ckpt_dir = self.rundir.checkpoints
         hashes: dict[str, str] = {}
         rows: list[dict] = []
         attempts: list[dict] = []
@@ -447,7 +344,7 @@ class Trainer:
             self._load_source_optimizer(engine)
             if self.env.is_main and step in self.save_steps:
                 hashes[str(step)] = self._save_checkpoint(engine, step, ckpt_dir)
-        attempts.append({"started": _now(), "resumed_from": step if resume is not None else None,
+        attempts.append({"started": timestamp(), "resumed_from": step if resume is not None else None,
                          "environment": environment(self.device, engine_name=cfg.engine)})
         self._write_run_json(attempts, finished=False)
 
@@ -504,14 +401,14 @@ class Trainer:
         # Success: everything else first, the manifest last.
         if self.env.is_main:
             self._write_log(rows)
-            attempts[-1]["finished"] = _now()
+            attempts[-1]["finished"] = timestamp()
             self._write_run_json(attempts, finished=True)
             manifest = self._write_manifest(ckpt_dir, hashes, final_loss)
         else:
-            manifest = ckpt_dir / "manifest.json"
+            manifest = self.rundir.manifest
         self._barrier()
         return TrainResult(out=self.out, final_step=cfg.steps, saved_steps=list(self.save_steps), manifest=manifest,
-                           log=self.out / "train_log.parquet", final_loss=final_loss)
+                           log=self.rundir.train_log, final_loss=final_loss)
 
     def _reduce_loss_and_stop(self, loss_sum: torch.Tensor) -> tuple[float, int]:
         """Mean loss over micro-batches and ranks; and whether any rank got a stop signal (its number)."""
@@ -549,13 +446,13 @@ class Trainer:
     def _save_checkpoint(self, engine, step: int, ckpt_dir: Path) -> str:
         from retrace.checkpoints import save_params
 
-        path = ckpt_dir / f"step{step}.safetensors"
+        path = self.rundir.checkpoint(step)
         save_params(engine.export_params(torch.float16), path,
                     metadata={"step": str(step), "reference": self.cfg.reference, "producer": "retrace train"})
         return sha256_file(path)
 
     def _save_state(self, engine, step: int, hashes: dict, rows: list[dict]) -> None:
-        root = self.out / "state"
+        root = self.rundir.state
         d = st.state_dir(root, step)
         rng_t, rng_meta = st.rng_state()
         # builtin: every rank holds the same replicated state, so the main rank alone writes it (ranks
@@ -575,10 +472,10 @@ class Trainer:
         if self.env.is_main:
             self._write_log(rows)
             st.write_state_json(root, step, {"engine": engine.state_meta(), "rng": rng_meta,
-                                             "fingerprint": json.loads(json.dumps(self.fingerprint())),
+                                             "fingerprint": self.fingerprint(),
                                              "checkpoints": hashes, "threads": self.threads,
                                              "data_position": step * self.recipe.global_batch,
-                                             "written": _now()}, files, keep=self.cfg.keep_states)
+                                             "written": timestamp()}, files, keep=self.cfg.keep_states)
         self._barrier()
 
     def _write_log(self, rows: list[dict]) -> None:
@@ -590,10 +487,10 @@ class Trainer:
         frame = frame.astype({"step": "int64", "loss": "float64", "lr": "float64", "loss_scale": "float64",
                               "grad_norm": "float64", "skipped": "bool", "tokens_per_s": "float64",
                               "step_time_s": "float64", "lr_iter": "int64", "adam_steps": "int64"})
-        write_parquet(self.out / "train_log.parquet", frame)
+        write_parquet(self.rundir.train_log, frame)
 
     def _read_log(self, step: int) -> list[dict]:
-        path = self.out / "train_log.parquet"
+        path = self.rundir.train_log
         if not path.exists():
             return []
         import pandas as pd
@@ -603,7 +500,7 @@ class Trainer:
 
     def _read_attempts(self) -> list[dict]:
         try:
-            return list(json.loads((self.out / "run.json").read_text(encoding="utf-8")).get("attempts", []))
+            return list(json.loads(self.rundir.run_json.read_text(encoding="utf-8")).get("attempts", []))
         except (OSError, ValueError):
             return []
 
@@ -611,7 +508,7 @@ class Trainer:
         if not self.env.is_main:
             return
         env = attempts[-1]["environment"]
-        write_json(self.out / "run.json", {
+        write_json(self.rundir.run_json, {
             "arguments": self.cfg.to_dict(),
             "source": self.source,
             "recipe": self.recipe.to_dict(),
@@ -634,16 +531,16 @@ class Trainer:
     def _write_manifest(self, ckpt_dir: Path, hashes: dict, final_loss: float | None) -> Path:
         files = []
         for s in self.save_steps:
-            name = f"step{s}.safetensors"
-            path = ckpt_dir / name
+            path = self.rundir.checkpoint(s)
+            name = path.name
             if not path.exists():
                 raise RetraceError(f"{path} is missing although step {s} was trained")
             sha = hashes.get(str(s)) or sha256_file(path)
             files.append({"step": s, "file": name, "sha256": sha})
-        manifest = ckpt_dir / "manifest.json"
+        manifest = self.rundir.manifest
         write_json(manifest, {"steps": list(self.save_steps), "files": files, "final_step": self.cfg.steps,
                               "start_step": self.cfg.start_step, "reference": self.cfg.reference,
-                              "dtype": "float16", "final_loss": final_loss, "written": _now()})
+                              "dtype": "float16", "final_loss": final_loss, "written": timestamp()})
         return manifest
 
     def _progress(self, step: int, loss: float, res, tokens_per_step: int, sec_per_step: float) -> None:
@@ -690,10 +587,6 @@ class Trainer:
                                     loss_scaler=opt.loss_scaler if self.recipe.precision == "fp16" else None)
         self.optimizer_source = {"path": opt.source, "adam_steps": opt.step, "lr_iter": opt.lr_iter,
                                  "iteration": opt.iteration, "loss_scaler": opt.loss_scaler}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _hms(s: float) -> str:

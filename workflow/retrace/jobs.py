@@ -1,0 +1,96 @@
+"""The workflow's small local jobs (its ``run:`` blocks), as functions of the study: each writes its
+output atomically and a line to its log, so a rule stays one call.
+
+    write_cells_table          results/cells.parquet, one row per cell
+    write_reference_steps      the record that a run's published checkpoints are fetched
+    prepare_pile_variant       download (or check a copy of) one Pile variant; its record last
+    cross_generation_entries   the study's ``cross_generation`` with default steps filled in
+    write_cross_generation     ``retrace cross-compare`` per entry, concatenated into one table
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retrace.errors import RetraceError
+from retrace.io import write_json, write_parquet
+
+if TYPE_CHECKING:
+    from retrace.grid import Model, Study
+
+#: The package directory of this checkout: what subprocesses put first on PYTHONPATH.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def write_cells_table(study: Study, path: str, log_path: str) -> None:
+    frame = study.cells_frame()
+    write_parquet(path, frame)
+    Path(log_path).write_text(f"{len(frame)} cells of study {study.name} -> {path}\n")
+
+
+def write_reference_steps(files: list[str], path: str, log_path: str) -> None:
+    """One record per (repo, first, last): the fetched checkpoints a compare job reads, with their sizes.
+    A compare job depends on it instead of on each of its (up to 154) checkpoints: the same ordering and
+    rerun triggers, with 150× fewer edges in the DAG."""
+    write_json(path, {"files": {f: Path(f).stat().st_size for f in files}})
+    Path(log_path).write_text(f"{len(files)} checkpoints -> {path}\n")
+
+
+def prepare_pile_variant(study: Study, variant_name: str, dest: str, record: str, log_path: str) -> None:
+    """Download and merge (or check a copy of) one Pile variant; the JSON record is written last."""
+    from retrace.data.variants import prepare_variant
+
+    variant = study.data[variant_name]
+    with open(log_path, "w") as fh:
+        prefix = prepare_variant(variant.corpus, variant.format, dest, path=variant.path,
+                                 log=lambda msg: print(msg, file=fh, flush=True))
+        print(f"{variant_name}: {prefix}", file=fh)
+    write_json(record, {"variant": variant_name, "prefix": str(prefix)})
+
+
+def cross_generation_entries(study: Study) -> list[dict[str, Any]]:
+    """The ``cross_generation`` entries with their steps filled in (default: the study's compared steps)."""
+    default = sorted({s for cell in study.cells() for s in cell.checkpoint_steps()})
+    return [
+        {"model": e["model"], "against": list(e["against"]), "steps": sorted(set(e.get("steps") or default))}
+        for e in study.config.get("cross_generation") or []
+    ]
+
+
+def cross_generation_models(study: Study, entry: dict[str, Any]) -> list[Model]:
+    """The study's models whose reference is one of the entry's repos (for their hub caches)."""
+    repos = {entry["model"], *entry["against"]}
+    return [m for m in study.models.values() if m.reference in repos]
+
+
+def write_cross_generation(study: Study, path: str, log_path: str) -> None:
+    """``retrace cross-compare`` for every entry (offline from a local reference's hub cache), concatenated
+    into ``path``; a subprocess per entry, so its hub settings never touch this process."""
+    import pandas as pd
+
+    frames = []
+    with open(log_path, "w") as log, \
+            tempfile.TemporaryDirectory(prefix=".cross_generation.", dir=Path(path).parent) as tmp:
+        for i, entry in enumerate(cross_generation_entries(study)):
+            caches = sorted({m.hub_cache for m in cross_generation_models(study, entry) if m.is_local})
+            if len(caches) > 1:
+                raise RetraceError(f"cross_generation[{i}]: repos in several local hub caches ({', '.join(caches)})")
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_DIR), os.environ.get("PYTHONPATH", "")])}
+            if caches:
+                env.update(HF_HUB_CACHE=caches[0], HF_HUB_OFFLINE="1")
+            part = Path(tmp) / f"{i}.parquet"
+            argv = [sys.executable, "-m", "retrace", "cross-compare", entry["model"], "--against", *entry["against"],
+                    "--steps", ",".join(map(str, entry["steps"])), "--out", str(part)]
+            print(f"$ {shlex.join(argv)}", file=log, flush=True)
+            done = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+            if done.returncode != 0:
+                raise RetraceError(f"cross_generation[{i}]: retrace cross-compare failed (status "
+                                   f"{done.returncode}); see {log_path}")
+            frames.append(pd.read_parquet(part))
+    write_parquet(path, pd.concat(frames, ignore_index=True))

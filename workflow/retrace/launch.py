@@ -1,0 +1,90 @@
+"""A run's command: the spec of a cell's (or a built reference's) train job, derived from the study.
+
+``train_spec(study, cell)`` is the cell's ``TrainConfig`` (engines builtin, deepspeed) or
+``NeoXRunConfig`` (engine neox); the train rule passes ``spec.to_json()`` as one param, so a changed
+setting reruns the cell. Settings come from, in order:
+
+* the study's ``train:`` section and the model's keys that name a spec field (``lr``, ``train_iters``,
+  ``checkpoint_activations`` …: passed straight through, so a new setting needs no code here);
+* the cell's axes (layout, attention, precision, engine, seed, steps) and its data variant (prefix,
+  format, order seed, sample shuffling);
+* the model's resolved recipe size and global batch.
+
+GPT-NeoX runs the published config of the model's size: a model that overrides the recipe is refused
+for engine neox, naming the key. Across nodes a neox cell uses DeeperSpeed's slurm launcher.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from retrace import paths
+from retrace.errors import RetraceError
+from retrace.placement import place
+from retrace.pythia.constants import GLOBAL_BATCH
+from retrace.spec import NeoXRunConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from retrace.grid import Cell, Model, Study
+
+#: Recipe overrides GPT-NeoX cannot take (it runs the published config).
+_RECIPE_KEYS = ("seq_length", "lr", "min_lr", "train_iters", "warmup_iters")
+
+
+def train_command(cell: Cell) -> str:
+    """The ``retrace`` subcommand of a cell's train job: ``neox-run`` for engine neox, else ``train``."""
+    return "neox-run" if cell.engine == "neox" else "train"
+
+
+def train_spec(study: Study, cell: Cell) -> TrainConfig | NeoXRunConfig:
+    """The spec of a cell's train job (see the module doc)."""
+    if cell.engine == "neox":
+        return _neox_spec(study, cell)
+    m = cell.model
+    return _train_spec(study, m, data=cell.data, parallel=cell.parallel, attention=cell.attention,
+                       precision=cell.precision, engine=cell.engine, steps=cell.steps, seed=cell.seed,
+                       reference=m.reference, start_step=m.start_step, out=paths.run_dir(cell.id))
+
+
+def build_spec(study: Study, model: Model) -> TrainConfig:
+    """The spec of a built reference's training run (``models.<name>.build``), from its own step 0."""
+    b = model.build
+    if b is None:
+        raise RetraceError(f"model {model.name} has no build section")
+    return _train_spec(study, model, data=b.data, parallel=b.parallel, attention=b.attention,
+                       precision=b.precision, engine="builtin", steps=b.steps, seed=b.seed,
+                       reference=paths.build_init_dir(b.init_key), start_step=0,
+                       out=paths.build_run_dir(model.name))
+
+
+def _train_spec(study: Study, m: Model, *, data, parallel, attention, precision, engine, steps, seed,
+                reference, start_step, out) -> TrainConfig:
+    return TrainConfig(**{**study.train_settings, **m.train_settings},
+                       reference=reference, start_step=start_step, out=out,
+                       data=paths.data_prefix(data, study.synthetic["seed"]), data_kind=data.format,
+                       order_seed=data.order_seed, shuffle_samples=data.shuffle_samples,
+                       gpus=parallel.gpus, pdbs=parallel.pdbs, gas=parallel.gas, global_batch=m.global_batch,
+                       attention=attention, precision=precision, engine=engine, steps=steps, seed=seed,
+                       recipe=m.recipe)
+
+
+def _neox_spec(study: Study, cell: Cell) -> NeoXRunConfig:
+    m, lay, neox = cell.model, cell.parallel, study.neox or {}
+    changed = [k for k in _RECIPE_KEYS if k in m.train_settings]
+    if m.global_batch != GLOBAL_BATCH:
+        changed.insert(0, "global_batch")
+    if changed:
+        raise RetraceError(
+            f"cell {cell.id}: engine neox runs the published GPT-NeoX config, but models.{m.name} sets "
+            f"{', '.join(changed)}; drop it (or run this model with engine builtin/deepspeed)")
+    multi_node = place(gpus=lay.gpus, gpu_type=cell.gpu_type, cluster=study.cluster).nodes > 1
+    return NeoXRunConfig(
+        reference=m.reference, start_step=m.start_step, out=paths.run_dir(cell.id),
+        data=paths.data_prefix(cell.data, study.synthetic["seed"]), data_kind=cell.data.format,
+        gpus=lay.gpus, pdbs=lay.pdbs, gas=lay.gas, attention=cell.attention, precision=cell.precision,
+        steps=cell.steps, seed=cell.seed, size=m.recipe, deduped="deduped" in m.reference.lower(),
+        launcher="slurm" if multi_node else "local",
+        gpus_per_node=study.cluster["gpus_per_node"] if multi_node else None,
+        neox_path=neox.get("path"), neox_container=neox.get("container"),
+        neox_runtime=neox.get("runtime", "apptainer"), neox_conda_env=neox.get("conda_env"),
+        neox_python=neox.get("python", "python"), neox_bind=list(neox.get("binds") or ()))
