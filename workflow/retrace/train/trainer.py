@@ -203,10 +203,11 @@ def infer_size(hf_config: dict | None, reference: str) -> str:
 
 
 def resolve_source(reference: str, start_step: int) -> str:
-    """``org/repo`` + start step → ``org/repo@step{N}``; local paths and explicit ``@rev`` as given."""
-    if "@" in reference or Path(reference).exists():
-        return reference
-    return f"{reference}@step{start_step}"
+    """``org/repo`` + start step → ``org/repo@step{N}``; local paths and explicit ``@rev`` as given
+    (``retrace.checkpoints.start_source``: a local folder named like the repo never stands in for it)."""
+    from retrace.checkpoints.sources import start_source
+
+    return start_source(reference, start_step)
 
 
 # -- the trainer -----------------------------------------------------------------------------------------
