@@ -770,7 +770,10 @@ def test_parse_source(tmp_path, monkeypatch):
     assert parse_source("hf://EleutherAI/pythia-70m").explicit
     (tmp_path / "EleutherAI").mkdir()
     (tmp_path / "EleutherAI" / "pythia-70m").mkdir()
-    assert parse_source("EleutherAI/pythia-70m").kind == "local"  # an existing path wins
+    with pytest.raises(RetraceError, match=r"ambiguous.*'\./EleutherAI/pythia-70m'"):
+        parse_source("EleutherAI/pythia-70m")  # a folder named like the repo never stands in for it
+    assert parse_source("./EleutherAI/pythia-70m").kind == "local"
+    assert parse_source(tmp_path / "EleutherAI" / "pythia-70m").kind == "local"
     assert parse_source("hf://EleutherAI/pythia-70m").kind == "hub"
     assert parse_source(tmp_path / "x.safetensors").kind == "local"
     assert parse_source("./not/here/model.safetensors").kind == "local"

@@ -109,7 +109,8 @@ def test_hub_spec_reads_every_format_offline(published, expected, branch):
     with open_params(f"{REPO}@{branch}") as r:  # cache from $HF_HUB_CACHE, offline from $HF_HUB_OFFLINE
         assert r.source == f"{REPO}@{branch}"
         assert isinstance(r, READERS[BRANCHES[branch].split("-")[0]])
-        assert r.hub.commit == r.hub.folder.name and not r.hub.verified
+        # offline, verified by default against the tree listing the publisher caches
+        assert r.hub.commit == r.hub.folder.name and r.hub.verified and r.hub.verified_against == "cache"
         assert_same(r, expected)
         assert str(published) in r.location("embed_out.weight")
         assert not any("optim_states" in f for f in r.hub.files)
@@ -138,7 +139,7 @@ def test_main_and_explicit_cache_dir(published, expected, monkeypatch):
 def test_missing_revision_offline(published):
     with pytest.raises(RetraceError, match=r"EleutherAI/pythia-tiny@step999: not in the local Hub cache"):
         open_params(f"{REPO}@step999")
-    with pytest.raises(RetraceError, match="no local file or directory"):
+    with pytest.raises(RetraceError, match=r"a local checkpoint is written \./EleutherAI/pythia-nothing"):
         open_params("EleutherAI/pythia-nothing")
 
 
@@ -202,7 +203,9 @@ def test_offline_verify_against_cached_listing(published, expected):
     data[-1000] ^= 0xFF  # a flipped byte in the cached blob
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))
-    with pytest.raises(RetraceError, match=r"pytorch_model.bin has sha256 [0-9a-f]{64}, but the Hub records"):
+    with pytest.raises(
+        RetraceError, match=r"pytorch_model.bin has sha256 [0-9a-f]{64}, but the local Hub cache records"
+    ):
         open_params(f"{REPO}@step1", verify=True)
 
 
@@ -277,13 +280,13 @@ def test_online_sha256_mismatch_is_refused(published, repo_dirs, monkeypatch):
         open_params(f"{REPO}@step2")
 
 
-def test_unreachable_hub_falls_back_to_cache(published, repo_dirs, expected, monkeypatch):
+def test_unreachable_hub_falls_back_to_the_verified_cache(published, repo_dirs, expected, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     api, dl, _ = _fake_api(published, repo_dirs, fail=ConnectionError("no route to host"))
     monkeypatch.setattr(huggingface_hub, "HfApi", api)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with open_params(f"{REPO}@step1") as r:
-            assert not r.hub.verified
+            assert r.hub.verified and r.hub.verified_against == "cache"
             assert_same(r, expected)
-    assert any("cannot be reached" in str(w.message) for w in caught)
+    assert any("cannot be reached" in str(w.message) and "verified against" in str(w.message) for w in caught)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +38,7 @@ LFS_SUFFIXES = (
     ".rar", ".safetensors", ".tar", ".tflite", ".tgz", ".wasm", ".xz", ".zip", ".zst",
 )  # fmt: skip
 
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _CHUNK = 8 << 20
 
 
@@ -70,6 +71,11 @@ def file_hashes(path: str | os.PathLike) -> tuple[str, str, int]:
     return sha256.hexdigest(), sha1.hexdigest(), size
 
 
+def _is_temp(name: str) -> bool:
+    """A temporary link or file this module (or ``retrace.io``) makes, left by an interrupted publish."""
+    return name.startswith(".") and name.endswith((".lnk", ".tmp"))
+
+
 def _check_filename(filename: str) -> str:
     parts = filename.split("/")
     if (
@@ -99,18 +105,30 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 
 
 def _link(blob: Path, pointer: Path) -> None:
-    """``pointer`` → ``blob`` as a relative symlink (as huggingface_hub makes it), else a copy."""
+    """``pointer`` → ``blob`` as a relative symlink (as huggingface_hub makes it), else a copy.
+
+    The link is made under an unpredictable name (``os.symlink`` refuses an existing path, never
+    follows it) and renamed over ``pointer``: nothing at a guessable path is removed or written through.
+    """
     pointer.parent.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(blob, pointer.parent)
-    tmp = pointer.parent / f".{pointer.name}.{os.getpid()}.lnk"
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        os.symlink(rel, tmp)
-    except OSError:
-        _atomic_copy(blob, pointer)
+    for _ in range(64):
+        tmp = pointer.parent / f".{pointer.name}.{secrets.token_hex(8)}.lnk"
+        try:
+            os.symlink(rel, tmp)
+        except FileExistsError:
+            continue
+        except OSError:  # no symlinks here (some Windows and network filesystems)
+            _atomic_copy(blob, pointer)
+            return
+        try:
+            os.replace(tmp, pointer)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         return
-    os.replace(tmp, pointer)
+    raise RetraceError(f"hub cache: could not create a temporary link next to {pointer}")
 
 
 def publish_to_hub_cache(
@@ -169,12 +187,14 @@ def publish_to_hub_cache(
         commit_hash = hashlib.sha1(  # noqa: S324 - an id, not security
             f"retrace-local-commit\n{repo_type}:{repo_id}\n{revision}\n{manifest}\n".encode()
         ).hexdigest()
-    if not _COMMIT_RE.match(commit_hash):
+    if not _COMMIT_RE.fullmatch(commit_hash):
         raise RetraceError(f"hub cache: commit hash {commit_hash!r} must be 40 lowercase hex digits")
 
     snapshot = storage / "snapshots" / commit_hash
     if snapshot.is_dir():
-        existing = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if not p.is_dir()}
+        existing = {
+            p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if not p.is_dir() and not _is_temp(p.name)
+        }
         if existing - set(entries):
             raise RetraceError(
                 f"hub cache: commit {commit_hash} of {repo_id} already holds other files "

@@ -36,7 +36,7 @@ EMBED = "gpt_neox.embed_in.weight"
 FINAL_NORM = ("gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias")
 HEAD = "embed_out.weight"
 
-_LAYER_RE = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
+_LAYER_RE = re.compile(r"gpt_neox\.layers\.(\d+)\.(.+)")
 
 
 def canonical_hf_name(key: str) -> str | None:
@@ -50,7 +50,7 @@ def sort_key(name: str) -> tuple:
     """Module order: embedding, layers 0..L-1 (state-dict order within a layer), final norm, head."""
     if name == EMBED:
         return (0, 0, 0, "")
-    m = _LAYER_RE.match(name)
+    m = _LAYER_RE.fullmatch(name)
     if m:
         suffix = m.group(2)
         pos = LAYER_PARAMS.index(suffix) if suffix in LAYER_PARAMS else len(LAYER_PARAMS)

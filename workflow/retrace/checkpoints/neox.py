@@ -66,16 +66,16 @@ from retrace.checkpoints.names import (
 from retrace.checkpoints.torchload import safe_torch_load, safe_torch_load_mapped
 from retrace.errors import RetraceError
 
-LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
-MP_FILE_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-ZERO_FILE_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-STEP_DIR_RE = re.compile(r"^global_step(\d+)$")
-_SEQ_KEY_RE = re.compile(r"^sequential\.(\d+)\.(.+)$")
+LAYER_FILE_RE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
+MP_FILE_RE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
+ZERO_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+STEP_DIR_RE = re.compile(r"global_step(\d+)")
+_SEQ_KEY_RE = re.compile(r"sequential\.(\d+)\.(.+)")
 
 
 def _has_neox_files(path: Path) -> bool:
     try:
-        return any(LAYER_FILE_RE.match(p.name) or MP_FILE_RE.match(p.name) for p in path.iterdir())
+        return any(LAYER_FILE_RE.fullmatch(p.name) or MP_FILE_RE.fullmatch(p.name) for p in path.iterdir())
     except OSError:
         return False
 
@@ -83,8 +83,8 @@ def _has_neox_files(path: Path) -> bool:
 def _step_dirs(path: Path) -> list[Path]:
     try:
         return sorted(
-            (p for p in path.iterdir() if STEP_DIR_RE.match(p.name) and _has_neox_files(p)),
-            key=lambda p: int(STEP_DIR_RE.match(p.name).group(1)),
+            (p for p in path.iterdir() if STEP_DIR_RE.fullmatch(p.name) and _has_neox_files(p)),
+            key=lambda p: int(STEP_DIR_RE.fullmatch(p.name).group(1)),
         )
     except OSError:
         return []
@@ -155,9 +155,9 @@ class NeoXReader(IndexedReader):
         layer_files: dict[tuple[int, int], Path] = {}
         mp_files: dict[int, Path] = {}
         for p in self.dir.iterdir():
-            if m := LAYER_FILE_RE.match(p.name):
+            if m := LAYER_FILE_RE.fullmatch(p.name):
                 layer_files[int(m.group(1)), int(m.group(2))] = p
-            elif m := MP_FILE_RE.match(p.name):
+            elif m := MP_FILE_RE.fullmatch(p.name):
                 mp_files[int(m.group(1))] = p
         if layer_files:
             self.layout = "pipeline"
@@ -219,7 +219,7 @@ class NeoXReader(IndexedReader):
     def _split_sequential(module: Mapping[str, Any], path: Path) -> dict[int, dict[str, torch.Tensor]]:
         out: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in module.items():
-            m = _SEQ_KEY_RE.match(key)
+            m = _SEQ_KEY_RE.fullmatch(key)
             if not m:
                 raise RetraceError(f"{path}: module key {key!r} is not sequential.{{idx}}.{{name}}")
             if not isinstance(value, torch.Tensor):
@@ -327,7 +327,7 @@ class NeoXReader(IndexedReader):
 def model_state_files(path: str | os.PathLike) -> dict[int, Path]:
     """``mp_rank_XX_model_states.pt`` by tensor-parallel rank (DeepSpeed's engine/client state)."""
     step_dir = resolve_neox_dir(path)
-    return {int(m.group(1)): p for p in step_dir.iterdir() if (m := MP_FILE_RE.match(p.name))}
+    return {int(m.group(1)): p for p in step_dir.iterdir() if (m := MP_FILE_RE.fullmatch(p.name))}
 
 
 def load_client_state(path: str | os.PathLike, mp: int = 0, *, keep_module: bool = False) -> dict[str, Any]:
@@ -354,7 +354,7 @@ def zero_optimizer_files(path: str | os.PathLike) -> dict[tuple[int, int], Path]
     """``zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt`` keyed by (dp rank, mp rank); {} if none."""
     step_dir = resolve_neox_dir(path)
     return {
-        (int(m.group(1)), int(m.group(2))): p for p in step_dir.iterdir() if (m := ZERO_FILE_RE.match(p.name))
+        (int(m.group(1)), int(m.group(2))): p for p in step_dir.iterdir() if (m := ZERO_FILE_RE.fullmatch(p.name))
     }
 
 

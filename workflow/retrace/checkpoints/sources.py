@@ -9,7 +9,13 @@ Accepted sources (``parse_source`` decides which):
   ``pytorch_model.bin``, ``pytorch_model.bin.index.json``, in that order of preference, or a single
   ``*.safetensors``), or GPT-NeoX native (``global_stepN/`` or a save directory with ``latest``);
 * a Hub spec ``org/repo@revision`` (``hf://`` prefix optional; no ``@`` means ``main``), fetched through
-  huggingface_hub (see ``hub``). An existing local path always wins over a Hub spec.
+  huggingface_hub and verified (see ``hub``).
+
+A string shaped like ``org/repo[@revision]`` is a Hub spec, never a local path: a folder that happens to
+carry that name (``EleutherAI/pythia-70m-deduped@step1000``, or one a download left behind) must not
+silently stand in for the published checkpoint. If such a path exists, the spec is refused as
+ambiguous; write a local path unambiguously (``./org/repo``, an absolute path, or pass a ``Path``).
+Strings that cannot be Hub specs (``model.safetensors``, ``runs/a/b``, ``./x``, ``/x``) are local.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ _HUB_RE = re.compile(
     r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[A-Za-z0-9][A-Za-z0-9._/-]*))?$"
 )
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+#: safetensors metadata key under which ``retrace fetch-reference`` keeps the source's config.json.
+CONFIG_METADATA_KEY = "retrace.config"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +82,15 @@ class Source:
 
 
 def parse_source(spec: str | os.PathLike) -> Source:
-    """``Source`` for a path or ``org/repo[@revision]`` (``hf://org/repo@rev`` forces the Hub)."""
+    """``Source`` for a path or ``org/repo[@revision]`` (``hf://org/repo@rev`` forces the Hub).
+
+    A ``Path`` (any ``os.PathLike``) is always local. A string that matches ``org/repo[@revision]`` is
+    always a Hub spec; if a local file or directory of that name exists too, it is refused as ambiguous
+    rather than guessed.
+
+    Raises:
+        RetraceError: empty or non-string spec, a malformed ``hf://`` spec, or an ambiguous one.
+    """
     if isinstance(spec, os.PathLike):
         return Source("local", path=Path(spec))
     if not isinstance(spec, str) or not spec.strip():
@@ -83,10 +99,14 @@ def parse_source(spec: str | os.PathLike) -> Source:
     forced = spec.startswith(HUB_PREFIX)
     if forced:
         spec = spec[len(HUB_PREFIX) :]
-    elif os.path.exists(spec):
-        return Source("local", path=Path(spec))
-    m = _HUB_RE.match(spec)
+    m = _HUB_RE.fullmatch(spec)
     if m:
+        if not forced and os.path.lexists(spec):
+            raise RetraceError(
+                f"{spec!r} is ambiguous: it is a Hub spec (org/repo[@revision]) and a local "
+                f"{'directory' if os.path.isdir(spec) else 'path'} of that name exists. Write "
+                f"'./{spec}' (or an absolute path) for the local one, or '{HUB_PREFIX}{spec}' for the Hub"
+            )
         return Source(
             "hub",
             repo_id=m.group("repo"),
@@ -97,6 +117,25 @@ def parse_source(spec: str | os.PathLike) -> Source:
     if forced:
         raise RetraceError(f"{HUB_PREFIX}{spec}: not a Hub spec org/repo[@revision]")
     return Source("local", path=Path(spec))
+
+
+def start_source(reference: str | os.PathLike, start_step: int) -> str:
+    """The checkpoint a run starting at ``start_step`` of ``reference`` opens.
+
+    A Hub repo without a revision gets ``@step{start_step}`` (the train rule's ``org/repo``); a Hub spec
+    with a revision, and a local path, are returned as given. A local folder named like the repo does
+    not count (``parse_source`` refuses it as ambiguous): the start weights of a Hub reference always
+    come from the Hub (or its cache), verified.
+
+    Raises:
+        RetraceError: as ``parse_source``; a negative step.
+    """
+    if int(start_step) < 0:
+        raise RetraceError(f"start step must be >= 0, got {start_step}")
+    src = parse_source(reference)
+    if src.kind == "local" or src.pinned:
+        return str(reference).strip() if not isinstance(reference, os.PathLike) else os.fspath(reference)
+    return f"{HUB_PREFIX if src.forced else ''}{src.repo_id}@step{int(start_step)}"
 
 
 def _with_revision(src: Source, revision: str | None) -> Source:
@@ -114,11 +153,13 @@ def open_params(
     *,
     cache_dir: str | os.PathLike | None = None,
     revision: str | None = None,
-    verify: bool | None = None,
+    verify: str | bool | None = None,
 ) -> ParamReader:
     """A ``ParamReader`` over ``source`` (see the module docstring). Close it (or use ``with``) when done.
 
-    ``verify`` only applies to Hub sources: None → check sha256 online, trust the cache offline.
+    ``verify`` only applies to Hub sources (``"require"`` | ``"warn"`` | ``"off"``, see
+    ``retrace.checkpoints.trust``); the default requires every file to match the Hub's record, online or
+    against the cache's metadata offline. The reader's ``hub`` attribute is the ``HubSnapshot``.
     """
     src = _with_revision(parse_source(source), revision)
     if src.kind == "hub":
@@ -130,12 +171,16 @@ def open_params(
     return open_local(src.path)
 
 
-def _resolve(src: Source, cache_dir, verify):
+def _resolve(src: Source, cache_dir, verify, *, config_only: bool = False):
     try:
-        return resolve_hub(src.repo_id, src.revision, cache_dir=cache_dir, verify=verify)
+        return resolve_hub(
+            src.repo_id, src.revision, cache_dir=cache_dir, verify=verify, config_only=config_only
+        )
     except RetraceError as exc:
         if not src.explicit:
-            raise RetraceError(f"{exc} (and there is no local file or directory {src.repo_id!r})") from exc
+            raise RetraceError(
+                f"{exc} (a local checkpoint is written ./{src.repo_id} or as an absolute path)"
+            ) from exc
         raise
 
 
@@ -155,7 +200,7 @@ def _open_file(path: Path) -> ParamReader:
         return SafetensorsReader(path) if "safetensors" in name else TorchBinReader(path)
     if name.endswith(".safetensors"):
         return SafetensorsReader(path)
-    if MP_FILE_RE.match(name) or LAYER_FILE_RE.match(name):
+    if MP_FILE_RE.fullmatch(name) or LAYER_FILE_RE.fullmatch(name):
         return NeoXReader(path.parent)
     if name.endswith(_TORCH_SUFFIXES):
         return TorchBinReader(path)
@@ -195,17 +240,21 @@ def open_config(
     *,
     cache_dir: str | os.PathLike | None = None,
     revision: str | None = None,
+    verify: str | bool | None = None,
 ) -> dict[str, Any]:
     """The Hugging Face ``config.json`` next to the weights of ``source``, as a dict.
 
-    A GPT-NeoX directory without config.json gets one built from its ``configs/*.yml`` (as GPT-NeoX
-    v1.0's converter builds it; the padded vocabulary is read from the embedding's shape).
+    A Hub revision with a config.json fetches and verifies only that file. A GPT-NeoX directory without
+    config.json gets one built from its ``configs/*.yml`` (as GPT-NeoX v1.0's converter builds it; the
+    padded vocabulary is read from the embedding's shape). A single safetensors file without a
+    config.json beside it uses the one ``retrace fetch-reference`` stored in its metadata.
     """
     src = _with_revision(parse_source(source), revision)
     if src.kind == "hub":
-        snap = _resolve(src, cache_dir, False)
+        snap = _resolve(src, cache_dir, verify, config_only=True)
         if (snap.folder / "config.json").is_file():
             return _read_json(snap.folder / "config.json")
+        snap = _resolve(src, cache_dir, verify)
         return _local_config(snap.weights)
     return _local_config(src.path)
 
@@ -213,11 +262,15 @@ def open_config(
 def _local_config(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise RetraceError(f"{path}: no such file or directory")
-    if path.is_file() and (MP_FILE_RE.match(path.name) or LAYER_FILE_RE.match(path.name)):
+    if path.is_file() and (MP_FILE_RE.fullmatch(path.name) or LAYER_FILE_RE.fullmatch(path.name)):
         path = path.parent
     folder = path if path.is_dir() else path.parent
     if (folder / "config.json").is_file():
         return _read_json(folder / "config.json")
+    if path.is_file() and path.name.endswith(".safetensors"):
+        embedded = _embedded_config(path)
+        if embedded is not None:
+            return embedded
     if path.is_dir() and _weights_file(path) is None and is_neox_dir(path):
         step_dir = resolve_neox_dir(path)
         if (step_dir / "config.json").is_file():
@@ -227,6 +280,26 @@ def _local_config(path: Path) -> dict[str, Any]:
             vocab = reader.shape(EMBED)[0]
         return hf_config_from_neox(neox, vocab)
     raise RetraceError(f"{folder}: no config.json next to the weights")
+
+
+def _embedded_config(path: Path) -> dict[str, Any] | None:
+    """The config.json a canonical reference file carries in its metadata, or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            text = (fh.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError
+        raise RetraceError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise RetraceError(f"{path}: metadata {CONFIG_METADATA_KEY} is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RetraceError(f"{path}: metadata {CONFIG_METADATA_KEY} is not a JSON object")
+    return data
 
 
 def _read_json(path: Path) -> dict[str, Any]:

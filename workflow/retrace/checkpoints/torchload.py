@@ -5,6 +5,9 @@ PyTorch's restricted unpickler builds tensors, storages (``HalfStorage`` weights
 masks of 2023-era files alike), dicts, lists and a short allowlist of types, and refuses anything
 else *before* calling it. A refused or broken file becomes one ``RetraceError`` naming the file.
 
+That guarantee holds from torch 2.6 on; under an older torch (CVE-2025-32434) every pickle is refused
+before it is opened unless ``RETRACE_ALLOW_UNSAFE_PICKLE=1`` (see ``retrace.checkpoints.trust``).
+
 GPT-NeoX/DeepSpeed training-state files (``mp_rank_XX_model_states.pt``,
 ``zero_pp_rank_*_optim_states.pt``) also pickle numpy RNG state and DeepSpeed's loss-scaler object.
 For those (``training_state=True``) the allowlist is extended, still under ``weights_only=True``, with
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from retrace.checkpoints.trust import check_pickle_allowed
 from retrace.errors import RetraceError
 
 
@@ -104,22 +108,37 @@ _GLOBAL_RE = re.compile(
 )
 
 
-def safe_torch_load(path: str | os.PathLike, *, mmap: bool = True, training_state: bool = False) -> Any:
+def safe_torch_load(
+    path: str | os.PathLike,
+    *,
+    mmap: bool = True,
+    training_state: bool = False,
+    allow_unsafe_pickle: bool | None = None,
+) -> Any:
     """``torch.load(path, weights_only=True, map_location="cpu")``, memory-mapped when the format allows.
 
-    Raises ``RetraceError`` naming the file when it is missing, truncated, not a torch file, or holds
-    a pickle the restricted unpickler refuses (which it does before running anything).
+    Raises ``RetraceError`` naming the file when it is missing, truncated, not a torch file, holds a
+    pickle the restricted unpickler refuses (which it does before running anything), or when this torch
+    has a known ``weights_only`` bypass and ``allow_unsafe_pickle`` (default: the
+    ``RETRACE_ALLOW_UNSAFE_PICKLE`` variable) does not allow it.
     """
-    return safe_torch_load_mapped(path, mmap=mmap, training_state=training_state)[0]
+    return safe_torch_load_mapped(
+        path, mmap=mmap, training_state=training_state, allow_unsafe_pickle=allow_unsafe_pickle
+    )[0]
 
 
 def safe_torch_load_mapped(
-    path: str | os.PathLike, *, mmap: bool = True, training_state: bool = False
+    path: str | os.PathLike,
+    *,
+    mmap: bool = True,
+    training_state: bool = False,
+    allow_unsafe_pickle: bool | None = None,
 ) -> tuple[Any, bool]:
     """``safe_torch_load`` that also says whether the storages are memory-mapped (zip format) or in RAM."""
     path = Path(path)
     if not path.is_file():
         raise RetraceError(f"{path}: no such checkpoint file")
+    check_pickle_allowed(path, torch.__version__, allow=allow_unsafe_pickle)
     try:
         if training_state:
             with torch.serialization.safe_globals(_training_state_globals()):

@@ -79,11 +79,11 @@ def prepare(args) -> dict:
     """Everything before ``run_cell``: checks, the size, and the load directory (exported if needed)."""
     from retrace.checkpoints import open_config, open_params
     from retrace.checkpoints.neox import is_neox_dir
+    from retrace.checkpoints.sources import start_source
     from retrace.errors import RetraceError
     from retrace.neox.export import export_neox_checkpoint
     from retrace.neox.published import published_config
     from retrace.pythia.sizes import config_from_hf, pythia_config
-    from retrace.train.trainer import resolve_source
 
     env = neox_env(args)
     if not args.dry_run and not env.container and not (Path(env.path) / "deepy.py").is_file():
@@ -91,7 +91,7 @@ def prepare(args) -> dict:
     if args.data_kind != "raw":
         raise RetraceError(f"--data-kind {args.data_kind}: GPT-NeoX v1.0 builds its own shuffled index maps, so "
                            "it needs the raw tokenized corpus (…_text_document), not a preshuffled stream")
-    source = resolve_source(args.reference, args.start_step)
+    source = start_source(args.reference, args.start_step)
     size = resolve_size(args, source)
     deduped = bool(args.deduped or "-deduped" in args.reference.lower())
     out = Path(args.out).resolve()

@@ -1,7 +1,8 @@
 """The report directory: factor tables, figures, verdict and a self-contained ``index.html``.
 
-Layout of ``out`` (built in a temporary sibling directory and renamed into place when complete, so a
-failed run leaves the previous report or nothing)::
+Layout of ``out`` (built in a temporary sibling directory and swapped into place when complete, so a
+failed run leaves the previous report or nothing, and two concurrent runs each leave a whole report;
+``retrace.io.replace_dir``; directory modes follow the umask)::
 
     index.html                       everything below on one page, figures embedded
     verdict.json, verdict.txt        the closest data variant per model, sign-tested, with evidence
@@ -12,6 +13,8 @@ failed run leaves the previous report or nothing)::
     tables/cells_final.csv           every cell at its final step (axes, θ Cos, L2, last loss if logged)
     tables/cross_generation.{csv,md} only when the tables hold cross_generation.parquet (`retrace
                                      cross-compare`): a published model vs other repos at the same steps
+    tables/references.csv            only with ``references``: each fetched reference's repo, step,
+                                     commit and whether it was verified (``retrace.checkpoints.record``)
     figures/trajectory_<model>.png   1 − θ Cos and L2 over steps, one line per data variant
     figures/factor_<axis>_<model>.png  the same split by one factor's values
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +35,7 @@ import pandas as pd
 
 from retrace.compare import cross as CROSS
 from retrace.errors import RetraceError
-from retrace.io import write_json
+from retrace.io import default_dir_mode, replace_dir, write_json
 from retrace.report import generations
 from retrace.report import tables as T
 from retrace.report.frames import DATA, MODEL, axis_columns, fmt_cos, fmt_num, read_parquet, show
@@ -82,6 +86,7 @@ def _index_html(
     sim: pd.DataFrame, vs, verdict_txt: str, factor_parts: list[tuple[str, str]],
     final: pd.DataFrame, figures: list[tuple[str, Path]], steps: Sequence[int],
     cross_fragment: str | None = None,
+    references_fragment: str | None = None,
 ) -> str:
     esc = html.escape
     models = sorted(sim[MODEL].astype(str).unique())
@@ -122,6 +127,8 @@ def _index_html(
         parts += [f'<h3 id="factor-{esc(factor)}">{esc(factor)}</h3>', fragment]
     if cross_fragment is not None:
         parts += ['<h2 id="cross-generation">Versus other generations</h2>', cross_fragment]
+    if references_fragment is not None:
+        parts += ['<h2 id="references">References</h2>', references_fragment]
     parts.append('<h2 id="figures">Figures</h2>')
     for title, path in figures:
         parts.append(f"<figure>{_img(path, title)}<figcaption>{esc(title)}</figcaption></figure>")
@@ -141,6 +148,8 @@ def _index_html(
 
 
 def _check_replaceable(out: Path) -> None:
+    if out.is_symlink():
+        raise RetraceError(f"{out}: is a symbolic link; refusing to replace it (give the real directory)")
     if out.exists():
         if not out.is_dir():
             raise RetraceError(f"{out}: exists and is not a directory")
@@ -150,16 +159,42 @@ def _check_replaceable(out: Path) -> None:
             raise RetraceError(f"{out}: not empty and not a retrace report (no {MARKER}); refusing to replace it")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    _check_replaceable(out)
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+REFERENCE_COLUMNS = ("repo", "step", "revision", "commit", "verified", "verified_against", "source", "path")
+
+
+def references_table(references: Sequence[str | os.PathLike] | str | os.PathLike) -> pd.DataFrame:
+    """One row per fetched reference file under ``references`` (files or directories): where it came
+    from and whether it was verified, read from the file's own metadata."""
+    from retrace.checkpoints.record import read_reference_record, reference_files
+
+    rows = []
+    for path in reference_files(references):
+        rec = read_reference_record(path)
+        rows.append({
+            "repo": rec.repo or "", "step": rec.step, "revision": rec.revision or "", "commit": rec.commit or "",
+            "verified": rec.verified, "verified_against": rec.verified_against, "source": rec.source,
+            "path": str(path),
+        })
+    frame = pd.DataFrame(rows, columns=list(REFERENCE_COLUMNS))
+    return frame.sort_values(["repo", "step", "path"], na_position="last").reset_index(drop=True)
+
+
+def _references_html(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "<p>No fetched reference files found.</p>"
+    shown = pd.DataFrame({
+        "repo": frame["repo"].map(lambda r: r or "(local)"),
+        "step": frame["step"].map(lambda s: "" if pd.isna(s) else str(int(s))),
+        "commit": frame["commit"].map(lambda c: c[:12] if c else "—"),
+        "verified": [
+            f"yes ({against})" if ok else "NO" for ok, against in zip(frame["verified"], frame["verified_against"], strict=True)
+        ],
+        "source": frame["source"],
+    })
+    n_bad = int((~frame["verified"].astype(bool)).sum())
+    note = (f"{n_bad} of {len(frame)} reference files were not verified against a recorded hash."
+            if n_bad else f"All {len(frame)} reference files matched the hashes the Hub records.")
+    return T.to_html(shown, caption=note)
 
 
 def build_report(
@@ -168,8 +203,13 @@ def build_report(
     steps: Sequence[int] | None = None,
     documented: Mapping[str, str] | None = None,
     log: Callable[[str], None] = print,
+    references: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
 ) -> Path:
-    """Write the report for the aggregated tables in ``tables`` to ``out`` (see the module doc)."""
+    """Write the report for the aggregated tables in ``tables`` to ``out`` (see the module doc).
+
+    ``references``: fetched reference files or directories (``resources/references``) whose provenance
+    (repo, step, commit, verified) the report lists.
+    """
     tables, out = Path(tables), Path(out)
     _check_replaceable(out)
     sim = load_similarity(tables)
@@ -179,10 +219,11 @@ def build_report(
     vs = verdicts(sim, steps, documented)
     cross_path = tables / CROSS.TABLE_NAME
     cross = read_parquet(cross_path, CROSS.COLUMNS, "cross-generation table") if cross_path.exists() else None
+    refs = references_table(references) if references is not None else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
+    tmp.chmod(default_dir_mode())  # mkdtemp's 0700 would outlive the swap; a plain mkdir's mode
     try:
         (tmp / "tables").mkdir()
         (tmp / "figures").mkdir()
@@ -217,6 +258,10 @@ def build_report(
                 f"### Versus other generations\n\n{generations.to_markdown(cross)}", encoding="utf-8"
             )
             cross_fragment = generations.to_html(cross)
+        references_fragment = None
+        if refs is not None:
+            refs.to_csv(tmp / "tables" / "references.csv", index=False)
+            references_fragment = _references_html(refs)
 
         figures = []
         for model, sub in sim.groupby(MODEL, sort=True):
@@ -227,9 +272,10 @@ def build_report(
                 path = factor_figure(sub, factor, tmp / "figures" / name)
                 figures.append((f"{model}: 1 − θ Cos and L2 over steps by {factor.name}", path))
         (tmp / "index.html").write_text(
-            _index_html(sim, vs, text, factor_parts, final, figures, steps, cross_fragment), encoding="utf-8"
+            _index_html(sim, vs, text, factor_parts, final, figures, steps, cross_fragment, references_fragment),
+            encoding="utf-8",
         )
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out, check=_check_replaceable)
     except BaseException:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)

@@ -11,12 +11,20 @@ Both axes are logarithmic where the values allow it: steps follow the Pythia sch
 512, 1000, 2000, ...) and distances grow over orders of magnitude. Step 0 and exact zeros (a
 reproduction identical to its reference) cannot be drawn on a log axis and are left out; an axis
 with nothing positive stays linear.
+
+Labels come from the study (model names, data variants, axis values): math text is off
+(``text.parse_math``), so a ``$`` in a name is drawn as a dollar sign instead of being parsed as TeX
+(``$\\foo$`` would otherwise stop the report with a parse error).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,6 +36,21 @@ from retrace.report.frames import DATA, MODEL, show, slug, sorted_values
 from retrace.report.tables import Factor, balanced_slices
 
 DISTANCES = (("one_minus_cos", "1 − θ Cos"), ("l2", "L2"))
+#: Every text of a figure as plain text: labels are data, not TeX.
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def _plain_text(fn: _F) -> _F:
+    """Build and save the figure with math text parsing off (Text objects read it when created)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(PLAIN_TEXT):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -53,6 +76,7 @@ def _positive(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     return frame[(frame["step"] > 0) & (frame[column] > 0)]
 
 
+@_plain_text
 def trajectory_figure(sub: pd.DataFrame, path: Path) -> Path:
     """Per data variant: mean and min–max band of each distance over steps, for one model."""
     model = str(sub[MODEL].iloc[0])
@@ -78,6 +102,7 @@ def trajectory_figure(sub: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+@_plain_text
 def factor_figure(sub: pd.DataFrame, factor: Factor, path: Path) -> Path:
     """Per data variant and distance: one line per value of ``factor``, balanced as in the factor tables."""
     model = str(sub[MODEL].iloc[0])

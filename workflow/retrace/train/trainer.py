@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
+from retrace.checkpoints.sources import start_source
 from retrace.errors import RetraceError
 from retrace.io import sha256_file, write_json, write_parquet
-from retrace.pythia.schedule import hub_spec
 from retrace.pythia.schedule import save_steps as pythia_schedule
 from retrace.rundir import RunDir, timestamp
 from retrace.spec import TrainConfig
@@ -103,13 +103,6 @@ def _result_from_disk(out: Path) -> TrainResult:
                        log=run.train_log, final_loss=m.get("final_loss"))
 
 
-def resolve_source(reference: str, start_step: int) -> str:
-    """``org/repo`` + start step → ``org/repo@step{N}``; local paths and explicit ``@rev`` as given."""
-    if "@" in reference or Path(reference).exists():
-        return reference
-    return hub_spec(reference, start_step)
-
-
 # -- the trainer -----------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv | None):
@@ -151,7 +144,7 @@ class Trainer:
         self._pin_threads()
         from retrace.checkpoints import open_config
 
-        self.source = resolve_source(cfg.reference, cfg.start_step)
+        self.source = start_source(cfg.reference, cfg.start_step)
         try:
             hf_config = open_config(self.source)
         except RetraceError:
