@@ -145,3 +145,18 @@ def test_bad_arguments(corpus):
         open_training_data(str(prefix) + "x")
     with pytest.raises(RetraceError, match="pass the num_samples your run really uses"):
         open_training_data(prefix, seq_length=2048)  # Pythia's 147M samples on an 80-document corpus
+
+
+def test_order_command_caches_in_the_marker_directory(corpus, tmp_path, capsys):
+    from retrace.cli import main
+
+    prefix, _ = corpus
+    marker = tmp_path / "resources" / "order" / "v" / "ns100_sl8_s1234.json"
+    assert main(["order", "--data", str(prefix), "--seq-length", "8", "--num-samples", "100",
+                 "--marker", str(marker)]) == 0
+    cached = sorted(p.name for p in marker.parent.iterdir())
+    assert cached == sorted([marker.name, *(p.name for p in order_mod.index_map_paths(
+        prefix, 100, 8, 1234, cache_dir=marker.parent).all())])
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["document.bin", "document.idx"]
+    assert main(["order", "--data", str(prefix), "--seq-length", "8", "--num-samples", "100"]) == 2
+    assert "give --cache-dir" in capsys.readouterr().err
