@@ -177,3 +177,34 @@ def test_get_out_of_range(pair):
             ds.get(3)
         with pytest.raises(IndexError):
             ds.get(0, offset=8, length=3)
+
+
+# -- security -----------------------------------------------------------------------------------------
+
+def test_pointer_overflow_is_caught(pair):
+    """A crafted .idx whose pointer is near 2**63: pointer + size*itemsize wraps to a negative int64 that
+    a plain ``ends > file size`` bound lets through; it must be refused at open."""
+    prefix, idx, _ = pair
+    n = 3
+    pointer = (1 << 63) - 4  # even (uint16 items), positive, and 5 tokens past it overflow int64
+    _patch(idx, 34 + 4 * n + 8, struct.pack("<q", pointer))
+    assert (pointer + 5 * 2) > np.iinfo(np.int64).max  # it really wraps in int64
+    with pytest.raises(RetraceError, match=r"p\.bin: truncated or wrong \.bin: sequence 1"):
+        IndexedDataset(prefix)
+
+
+def test_builder_temporaries_do_not_follow_planted_symlinks(tmp_path):
+    """The builder's temporary files get unpredictable names created with O_EXCL: a symlink planted at the
+    old predictable name (``<prefix>.bin.<pid>.tmp``) cannot redirect the write onto another file."""
+    import os
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "out").mkdir()
+    for suffix in ("bin", "idx"):
+        os.symlink(victim, tmp_path / "out" / f"x.{suffix}.{os.getpid()}.tmp")
+    write_indexed(tmp_path / "out" / "x", [np.arange(50, dtype=np.uint16)])
+    assert victim.read_text() == "precious"
+    with IndexedDataset(tmp_path / "out" / "x") as ds:
+        assert ds[0].tolist() == list(range(50))
+    assert oct((tmp_path / "out" / "x.bin").stat().st_mode & 0o777) != oct(0o600)  # usual mode, not mkstemp's

@@ -222,10 +222,11 @@ def test_cache_file_names(tmp_path):
 def test_cache_build_then_reuse_and_drop_in(tmp_path):
     sizes = np.random.RandomState(0).randint(1, 60, 40).astype(np.int32)
     prefix = tmp_path / "corpus"
-    maps, paths = order.load_or_build_index_mappings(prefix, sizes, 16, 1234, 100)
-    assert paths.exist()
-    assert not list(tmp_path.glob(".*"))  # no temporaries left
-    again, _ = order.load_or_build_index_mappings(prefix, sizes, 16, 1234, 100)
+    cache = tmp_path / "order"
+    maps, paths = order.load_or_build_index_mappings(prefix, sizes, 16, 1234, 100, cache_dir=cache)
+    assert paths.exist() and paths.doc_idx.parent == cache
+    assert not list(cache.glob(".*"))  # no temporaries left
+    again, _ = order.load_or_build_index_mappings(prefix, sizes, 16, 1234, 100, cache_dir=cache)
     _assert_same(again, maps)
     assert isinstance(again[0], np.memmap)  # loaded, not rebuilt
     # maps written the way GPT-NeoX writes them (np.save, allow_pickle=True) load the same
@@ -243,13 +244,30 @@ def test_cache_build_then_reuse_and_drop_in(tmp_path):
 
 def test_cache_for_other_data_is_refused(tmp_path):
     sizes = np.full(30, 10, np.int32)
-    order.load_or_build_index_mappings(tmp_path / "c", sizes, 4, 1, 50)
+    kw = {"cache_dir": tmp_path}
+    order.load_or_build_index_mappings(tmp_path / "c", sizes, 4, 1, 50, **kw)
     with pytest.raises(RetraceError, match=r"sample_idx\.npy: index map has shape"):
-        order.load_or_build_index_mappings(tmp_path / "c", np.full(30, 11, np.int32), 4, 1, 50)
-    p = order.index_map_paths(tmp_path / "c", 50, 4, 1)
+        order.load_or_build_index_mappings(tmp_path / "c", np.full(30, 11, np.int32), 4, 1, 50, **kw)
+    p = order.index_map_paths(tmp_path / "c", 50, 4, 1, **kw)
     p.shuffle_idx.write_bytes(p.shuffle_idx.read_bytes()[:40])
     with pytest.raises(RetraceError, match=r"shuffle_idx\.npy: unreadable index map"):
-        order.load_or_build_index_mappings(tmp_path / "c", sizes, 4, 1, 50)
+        order.load_or_build_index_mappings(tmp_path / "c", sizes, 4, 1, 50, **kw)
+
+
+def test_maps_beside_the_data_are_never_trusted(tmp_path):
+    """Maps planted beside an external data prefix, under GPT-NeoX's names, are neither read nor written:
+    without a cache directory the maps are built in memory (security: order maps live under resources/)."""
+    sizes = np.random.RandomState(3).randint(1, 60, 40).astype(np.int32)
+    prefix = tmp_path / "data" / "corpus"
+    prefix.parent.mkdir()
+    true = reference_index_mappings(sizes, 16, 1234, 100)
+    planted = order.index_map_paths(prefix, 100, 16, 1234)  # beside the data
+    for path, arr in zip(planted.all(), true, strict=True):
+        np.save(path, arr[::-1].copy() if arr.ndim == 1 else arr, allow_pickle=False)  # reversed order
+    got, paths = order.load_or_build_index_mappings(prefix, sizes, 16, 1234, 100)
+    _assert_same(got, true)
+    assert paths is None
+    assert sorted(p.name for p in prefix.parent.iterdir()) == sorted(p.name for p in planted.all())
 
 
 # -- who reads what ----------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ def corpus(tmp_path):
 def test_raw_items_are_windows_of_the_shuffled_stream(corpus, tmp_path):
     prefix, docs = corpus
     L, ns = 16, 500
-    data = open_training_data(prefix, kind="raw", seq_length=L, seed=1234, num_samples=ns)
+    data = open_training_data(prefix, kind="raw", seq_length=L, seed=1234, num_samples=ns,
+                              cache_dir=tmp_path / "order")
     sizes = np.array([len(d) for d in docs], np.int32)
     doc_idx, sample_idx, shuffle_idx = order_mod.build_index_mappings(sizes, L, 1234, ns)
     stream = np.concatenate([docs[i] for i in doc_idx]).astype(np.int64)
@@ -35,8 +36,9 @@ def test_raw_items_are_windows_of_the_shuffled_stream(corpus, tmp_path):
         np.testing.assert_array_equal(got, want)
     ids = np.array([5, 0, 3, 3])
     np.testing.assert_array_equal(data.samples(ids), np.stack([data.sample(i) for i in ids]))
-    # maps cached beside the data under GPT-NeoX's names
-    assert data.map_paths.exist() and data.map_paths.doc_idx.parent == prefix.parent
+    # maps cached in the cache directory under GPT-NeoX's names, nothing written beside the data
+    assert data.map_paths.exist() and data.map_paths.doc_idx.parent == tmp_path / "order"
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["document.bin", "document.idx"]
 
 
 def test_raw_cache_dir_and_no_write(corpus, tmp_path):
@@ -46,7 +48,10 @@ def test_raw_cache_dir_and_no_write(corpus, tmp_path):
     assert a.map_paths.doc_idx.parent == cache and a.map_paths.exist()
     b = open_training_data(prefix, seq_length=8, num_samples=100, cache_dir=tmp_path / "nowhere", write_cache=False)
     assert not (tmp_path / "nowhere").exists()
+    c = open_training_data(prefix, seq_length=8, num_samples=100)  # no cache: built in memory
+    assert c.map_paths is None and c.describe()["items"] == len(a)
     np.testing.assert_array_equal(a.samples(range(10)), b.samples(range(10)))
+    np.testing.assert_array_equal(a.samples(range(10)), c.samples(range(10)))
 
 
 def test_raw_shuffle_samples_flag_changes_nothing(corpus):
@@ -115,14 +120,21 @@ def test_preshuffled_wrong_seq_length(tmp_path):
 
 def test_preshuffled_sample_shuffle(tmp_path):
     prefix, items = _preshuffled(tmp_path, 40, 4)
-    data = open_training_data(prefix, kind="preshuffled", seq_length=4, seed=7, shuffle_samples=True)
+    cache = tmp_path / "order"
+    data = open_training_data(prefix, kind="preshuffled", seq_length=4, seed=7, shuffle_samples=True,
+                              cache_dir=cache)
     perm = np.arange(40, dtype=np.uint32)
     np.random.RandomState(seed=7).shuffle(perm)
     np.testing.assert_array_equal(data.samples(range(40)), items[perm])
-    path = preshuffled_perm_path(prefix, 40, 7)
-    assert path.is_file()
-    again = open_training_data(prefix, kind="preshuffled", seq_length=4, seed=7, shuffle_samples=True)
+    path = preshuffled_perm_path(prefix, 40, 7, cache)
+    assert path.is_file() and path.parent == cache
+    again = open_training_data(prefix, kind="preshuffled", seq_length=4, seed=7, shuffle_samples=True,
+                               cache_dir=cache)
     np.testing.assert_array_equal(again.samples(range(40)), items[perm])
+    # a permutation planted beside the data is not read
+    np.save(prefix.parent / path.name, np.arange(40, dtype=np.uint32))
+    fresh = open_training_data(prefix, kind="preshuffled", seq_length=4, seed=7, shuffle_samples=True)
+    np.testing.assert_array_equal(fresh.samples(range(40)), items[perm])
 
 
 def test_bad_arguments(corpus):
@@ -133,3 +145,18 @@ def test_bad_arguments(corpus):
         open_training_data(str(prefix) + "x")
     with pytest.raises(RetraceError, match="pass the num_samples your run really uses"):
         open_training_data(prefix, seq_length=2048)  # Pythia's 147M samples on an 80-document corpus
+
+
+def test_order_command_caches_in_the_marker_directory(corpus, tmp_path, capsys):
+    from retrace.cli import main
+
+    prefix, _ = corpus
+    marker = tmp_path / "resources" / "order" / "v" / "ns100_sl8_s1234.json"
+    assert main(["order", "--data", str(prefix), "--seq-length", "8", "--num-samples", "100",
+                 "--marker", str(marker)]) == 0
+    cached = sorted(p.name for p in marker.parent.iterdir())
+    assert cached == sorted([marker.name, *(p.name for p in order_mod.index_map_paths(
+        prefix, 100, 8, 1234, cache_dir=marker.parent).all())])
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["document.bin", "document.idx"]
+    assert main(["order", "--data", str(prefix), "--seq-length", "8", "--num-samples", "100"]) == 2
+    assert "give --cache-dir" in capsys.readouterr().err

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="raw: GPT-NeoX's train num_samples the order was built for (default: Pythia's "
                           "147164160, or the manifest's); preshuffled: optional cap")
     src.add_argument("--shuffle-samples", action="store_true", help="preshuffled: permute items with the seed")
-    src.add_argument("--cache-dir", default=None, help="where index maps are cached (default: beside the data)")
+    src.add_argument("--cache-dir", default=None, help="the directory index maps are cached in, e.g. resources/order/<variant> "
+                     "(default: none, built in memory; never beside the data)")
     pos = p.add_argument_group("position")
     pos.add_argument("--step", type=int, required=True, help="0-based training step")
     pos.add_argument("--global-batch", type=int, default=1024, help="samples per step (default: 1024)")

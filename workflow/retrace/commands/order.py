@@ -12,8 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Open the data as `retrace train` will (same --kind, --seq-length, --seed, --num-samples, "
             "--shuffle-samples, --cache-dir), building and caching any missing maps under GPT-NeoX's file "
-            "names, or validating the cached ones. With --marker, write a JSON summary there last, so a "
-            "workflow can wait on it. Raw data: {prefix}_train_0_indexmap_{ns}ns_{sl}sl_{seed}s_*_idx.npy."
+            "names in --cache-dir, or validating the cached ones. Maps are never read from or written "
+            "beside the data. With --marker, write a JSON summary there last, so a workflow can wait on it; "
+            "--cache-dir then defaults to the marker's directory. Raw data: "
+            "<cache-dir>/<name>_train_0_indexmap_{ns}ns_{sl}sl_{seed}s_*_idx.npy."
         ),
     )
     p.add_argument("--data", required=True, metavar="PREFIX", help="the .bin/.idx prefix")
@@ -23,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=None,
                    help="raw: GPT-NeoX's train num_samples (default: Pythia's 147164160)")
     p.add_argument("--shuffle-samples", action="store_true", help="preshuffled: permute items with the seed")
-    p.add_argument("--cache-dir", default=None, help="where the maps go (default: beside the data)")
+    p.add_argument("--cache-dir", default=None,
+                   help="the directory the maps are cached in (default: the --marker's directory)")
     p.add_argument("--marker", default=None, metavar="JSON", help="write a summary here when done")
     p.set_defaults(func=run)
 
@@ -31,14 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
     import time
+    from pathlib import Path
 
     from retrace.data import open_training_data
+    from retrace.errors import RetraceError
     from retrace.io import write_json
 
+    cache_dir = args.cache_dir or (str(Path(args.marker).parent) if args.marker else None)
+    if cache_dir is None:
+        raise RetraceError("retrace order: give --cache-dir (or --marker, whose directory is then the cache)")
     t0 = time.perf_counter()
     data = open_training_data(args.data, kind=args.kind, seq_length=args.seq_length, seed=args.seed,
                               num_samples=args.num_samples, shuffle_samples=args.shuffle_samples,
-                              cache_dir=args.cache_dir, log=lambda m: print(m, file=sys.stderr))
+                              cache_dir=cache_dir, log=lambda m: print(m, file=sys.stderr))
     summary = {**data.describe(), "seconds": round(time.perf_counter() - t0, 3)}
     if args.marker:
         write_json(args.marker, summary)

@@ -15,18 +15,24 @@ The trainer uses ONE interface (names below are stable)::
     data.batch(step, ...)                  # data.samples(data.batch_items(step, ...))
     data.check_enough(steps, global_batch) # RetraceError if steps*global_batch > len(data)
 
-``prefix`` is the path without ``.bin``/``.idx``. ``kind="raw"``: tokenized documents read through the
-GPT-NeoX index maps (doc/sample/shuffle idx, cached under GPT-NeoX's own file names beside the data or in
-``cache_dir``); ``shuffle_samples`` changes nothing there. ``kind="preshuffled"``: item i is stream tokens
-``[(L+1)i, (L+1)(i+1))``; ``shuffle_samples=True`` permutes the items with ``RandomState(seed)``.
-Resuming at step N continues at item ``B*N`` whatever the (gpus, pdbs, gas) split.
+``prefix`` is the path without ``.bin``/``.idx``; a prefix with a shard manifest ``<prefix>.shards.json``
+is read in place from its shards. ``kind="raw"``: tokenized documents read through the GPT-NeoX index
+maps (doc/sample/shuffle idx, cached under GPT-NeoX's own file names in ``cache_dir``, never beside the
+data; without ``cache_dir`` they are built in memory); ``shuffle_samples`` changes nothing there.
+``kind="preshuffled"``: item i is stream tokens ``[(L+1)i, (L+1)(i+1))``; ``shuffle_samples=True``
+permutes the items with ``RandomState(seed)``. Resuming at step N continues at item ``B*N`` whatever the
+(gpus, pdbs, gas) split.
 
 Modules:
     indexed     MMapIndexedDataset .bin/.idx: IndexedDataset (validating reader), IndexedDatasetBuilder
+    shards      ShardedBin (one .bin read from its shards in place) and the shard manifest
+    integrity   sha256 checked once per file and re-checked whenever its stamp changes
     order       build_index_mappings, the NeoX cache file names, batch_items, neox_num_samples
     training    TrainingData / open_training_data (the interface above)
-    variants    the registry of standard/deduped × raw/preshuffled sources; prepare_variant (download,
-                unshard, verify) or path= to a copy on disk
+    variants    the registry of standard/deduped × raw/preshuffled sources (pinned revisions, shard
+                layout), plan_variant_fetch (which shards a study needs, bytes, disk), prepare_variant
+    hubfetch    one file of a pinned dataset commit from the Hugging Face Hub / cache, with its LFS sha256
+    prepare     fetch + verify + write the shard manifest (Hub variants) or record a copy on disk (path=)
     synthetic   the small synthetic corpus in the four variants (``retrace synth``); open_variant
 """
 

@@ -12,7 +12,9 @@ Layout of the ``.idx`` (all integers little-endian)::
     34 + 12N        int64[D]  doc_idx
 
 The ``.bin`` is the tokens of every sequence concatenated, no header. Both files are memory-mapped;
-nothing is read into memory until a sequence is asked for.
+nothing is read into memory until a sequence is asked for. The ``.bin`` may also be read in place from
+its shards: a prefix with a shard manifest ``<prefix>.shards.json`` (:mod:`retrace.data.shards`) opens
+through it, whatever ``.bin`` lies beside it.
 
 Opening validates the header and that every (pointer, size) fits the ``.bin``; a truncated or corrupt
 pair raises one :class:`~retrace.errors.RetraceError` naming the file, never returns garbage.
@@ -23,13 +25,15 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from retrace.data.shards import ShardedBin, load_manifest, manifest_path
 from retrace.errors import RetraceError
-from retrace.io import _fsync_dir, _fsync_file
+from retrace.io import _fsync_dir, _fsync_file, default_file_mode
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -80,20 +84,36 @@ def split_prefix(path: str | os.PathLike) -> Path:
 class IndexedDataset:
     """A read-only, memory-mapped MMapIndexedDataset.
 
-    ``ds[i]`` / ``ds.get(i, offset, length)`` return a view of sequence ``i`` in its stored dtype.
-    ``sizes``, ``pointers`` and ``doc_idx`` are memory-mapped arrays straight from the ``.idx``.
+    ``ds[i]`` / ``ds.get(i, offset, length)`` return sequence ``i`` in its stored dtype (a view, or a copy
+    when it crosses a shard boundary). ``sizes``, ``pointers`` and ``doc_idx`` are memory-mapped arrays
+    straight from the ``.idx``. ``bin`` is the :class:`~retrace.data.shards.ShardedBin` the tokens come from.
     """
 
     def __init__(self, prefix: str | os.PathLike, *, bin_path: str | os.PathLike | None = None,
-                 idx_path: str | os.PathLike | None = None):
+                 idx_path: str | os.PathLike | None = None, sharded: ShardedBin | None = None):
         self.prefix = split_prefix(prefix)
-        self.bin_path = Path(bin_path) if bin_path is not None else Path(f"{self.prefix}.bin")
+        self.manifest = None
+        if sharded is None and bin_path is None and idx_path is None:
+            # a manifest wins over a .bin beside it (e.g. a merged copy an older retrace made): what it
+            # lists was hash-checked, the .bin may be anything
+            mpath = manifest_path(self.prefix)
+            if mpath.is_file():
+                self.manifest = load_manifest(mpath)
+                self.manifest.check_stamps()
+                sharded = self.manifest.bin()
+                idx_path = idx_path or self.manifest.idx_path
         self.idx_path = Path(idx_path) if idx_path is not None else Path(f"{self.prefix}.idx")
-        for p in (self.idx_path, self.bin_path):
-            if not p.is_file():
-                raise RetraceError(f"{p}: no such file (an indexed dataset needs both .bin and .idx)")
+        if sharded is not None:
+            self.bin_path = Path(sharded.label)
+        else:
+            self.bin_path = Path(bin_path) if bin_path is not None else Path(f"{self.prefix}.bin")
+        for p in (self.idx_path, None if sharded is not None else self.bin_path):
+            if p is not None and not p.is_file():
+                raise RetraceError(f"{p}: no such file (an indexed dataset needs both .bin and .idx, or a "
+                                   f"shard manifest {manifest_path(self.prefix).name})")
         self._read_index()
-        self._open_bin()
+        self.bin = sharded if sharded is not None else ShardedBin.single(self.bin_path)
+        self.bin_bytes = self.bin.size
         self._validate()
 
     # -- opening -------------------------------------------------------------------------------
@@ -134,12 +154,6 @@ class IndexedDataset:
         self.pointers = np.frombuffer(buf, dtype="<i8", count=n, offset=off + 4 * n)
         self.doc_idx = np.frombuffer(buf, dtype="<i8", count=d, offset=off + 12 * n)
 
-    def _open_bin(self) -> None:
-        self.bin_bytes = self.bin_path.stat().st_size
-        # np.memmap refuses empty files; an empty dataset has nothing to map.
-        self._bin_mmap = (np.memmap(self.bin_path, dtype=np.uint8, mode="r")
-                          if self.bin_bytes else np.zeros(0, np.uint8))
-
     def _validate(self) -> None:
         item = self.dtype.itemsize
         n = self._len
@@ -158,13 +172,17 @@ class IndexedDataset:
                 i = a + int(np.argmax((ptr < 0) | (ptr % item != 0)))
                 raise RetraceError(f"{self.idx_path}: corrupt index: sequence {i} has pointer "
                                    f"{int(self.pointers[i])} (negative or not a multiple of {item})")
-            ends = ptr + sz * item
-            if ends.max() > self.bin_bytes:
-                i = a + int(np.argmax(ends > self.bin_bytes))
+            # A pointer near 2**63 would make pointer + size*itemsize wrap around to a negative end that
+            # passes the bound; the sum is taken on pointers clipped to the file size, which cannot wrap.
+            ends = np.minimum(ptr, self.bin_bytes) + sz * item
+            bad = (ptr > self.bin_bytes) | (ends > self.bin_bytes)
+            if bad.any():
+                i = a + int(np.argmax(bad))
+                end = int(self.pointers[i]) + int(self.sizes[i]) * item
                 raise RetraceError(
                     f"{self.bin_path}: truncated or wrong .bin: sequence {i} (pointer "
                     f"{int(self.pointers[i])}, {int(self.sizes[i])} tokens of {self.dtype}) ends at byte "
-                    f"{int(ends[i - a])} but the file has {self.bin_bytes} bytes")
+                    f"{end} but the file has {self.bin_bytes} bytes")
             end_max = max(end_max, int(ends.max()))
             if contiguous:
                 starts = np.empty_like(ptr)
@@ -201,7 +219,7 @@ class IndexedDataset:
         if offset < 0 or length < 0 or offset + length > size:
             raise IndexError(f"tokens [{offset}, {offset + length}) out of sequence {i} of size {size}")
         ptr = int(self.pointers[i]) + offset * self.dtype.itemsize
-        return np.frombuffer(self._bin_mmap, dtype=self.dtype, count=length, offset=ptr)
+        return self.bin.tokens(self.dtype, ptr, length)
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.get(i)
@@ -211,18 +229,29 @@ class IndexedDataset:
             yield self.get(i)
 
     def stream(self) -> np.ndarray:
-        """All tokens as one memory-mapped array (only for contiguous files, the usual case)."""
+        """All tokens as one memory-mapped array (an unsharded, contiguous file: the usual case)."""
+        self._check_contiguous()
+        count = self.data_bytes // self.dtype.itemsize
+        return np.frombuffer(self.bin.whole(), dtype=self.dtype, count=count, offset=0)
+
+    def stream_tokens(self, start: int, count: int) -> np.ndarray:
+        """Tokens ``[start, start + count)`` of the stream of all sequences in order (sharded or not)."""
+        self._check_contiguous()
+        if start < 0 or count < 0 or (start + count) * self.dtype.itemsize > self.data_bytes:
+            raise RetraceError(f"{self.prefix}: stream tokens [{start}, {start + count}) out of range "
+                               f"[0, {self.data_bytes // self.dtype.itemsize})")
+        return self.bin.tokens(self.dtype, start * self.dtype.itemsize, count)
+
+    def _check_contiguous(self) -> None:
         if not self.contiguous:
             raise RetraceError(f"{self.idx_path}: sequences are not stored contiguously in order; "
                                "cannot read the .bin as one token stream")
-        count = self.data_bytes // self.dtype.itemsize
-        return np.frombuffer(self._bin_mmap, dtype=self.dtype, count=count, offset=0)
 
     def close(self) -> None:
         for name in ("sizes", "pointers", "doc_idx"):
             setattr(self, name, None)
         self._idx_mmap = None
-        self._bin_mmap = None
+        self.bin.close()
 
     def __enter__(self) -> IndexedDataset:
         return self
@@ -253,8 +282,14 @@ class IndexedDatasetBuilder:
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self._code = dtype_code(self.dtype)
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        self._bin_tmp = Path(f"{self.prefix}.bin.{os.getpid()}.tmp")
-        self._idx_tmp = Path(f"{self.prefix}.idx.{os.getpid()}.tmp")
+        # mkstemp creates the temporaries with O_EXCL under unpredictable names: a symlink planted at a
+        # guessable name cannot redirect the write to another file.
+        self._bin_tmp = _mkstemp_beside(self.prefix, ".bin")
+        try:
+            self._idx_tmp = _mkstemp_beside(self.prefix, ".idx")
+        except BaseException:
+            self._bin_tmp.unlink()
+            raise
         self._fh = open(self._bin_tmp, "wb")  # noqa: SIM115 - closed in finalize/abort
         self._sizes: list[int] = []
         self._doc_idx: list[int] = [0]
@@ -290,6 +325,8 @@ class IndexedDatasetBuilder:
         write_index(self._idx_tmp, self.dtype, self._sizes, self._doc_idx)
         _fsync_file(self._bin_tmp)
         _fsync_file(self._idx_tmp)
+        for tmp in (self._bin_tmp, self._idx_tmp):
+            os.chmod(tmp, default_file_mode())  # mkstemp makes 0600
         os.replace(self._bin_tmp, f"{self.prefix}.bin")
         os.replace(self._idx_tmp, f"{self.prefix}.idx")
         _fsync_dir(self.prefix.parent)
@@ -313,6 +350,12 @@ class IndexedDatasetBuilder:
             self.finalize()
         else:
             self.abort()
+
+
+def _mkstemp_beside(prefix: Path, suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{prefix.name}{suffix}.", suffix=".tmp", dir=prefix.parent)
+    os.close(fd)
+    return Path(name)
 
 
 def write_index(path: str | os.PathLike, dtype, sizes, doc_idx) -> None:

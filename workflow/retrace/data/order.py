@@ -224,7 +224,9 @@ def index_map_paths(data_prefix: str | os.PathLike, num_samples: int, seq_length
                     name: str = NEOX_TRAIN_NAME, cache_dir: str | os.PathLike | None = None) -> IndexMapPaths:
     """GPT-NeoX's file names: ``{prefix}_{name}_indexmap_{ns}ns_{sl}sl_{seed}s_{doc|sample|shuffle}_idx.npy``.
 
-    With ``cache_dir`` the files go there under the prefix's base name instead of beside the data.
+    With ``cache_dir`` the names are under it with the prefix's base name; without, beside the data, where
+    GPT-NeoX itself writes them (a name only: :func:`load_or_build_index_mappings` never reads or writes
+    there).
     """
     prefix = Path(str(data_prefix))
     if cache_dir is not None:
@@ -274,11 +276,19 @@ def load_or_build_index_mappings(data_prefix: str | os.PathLike, sizes: np.ndarr
                                  num_samples: int, *, name: str = NEOX_TRAIN_NAME,
                                  cache_dir: str | os.PathLike | None = None, write: bool = True,
                                  max_bytes: int | None = DEFAULT_MAX_MAP_BYTES, log=None,
-                                 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], IndexMapPaths]:
-    """Use GPT-NeoX-named cached maps when all three exist; otherwise build (and save unless
-    ``write=False``). Maps written by GPT-NeoX can be dropped in, and ours used by GPT-NeoX."""
-    paths = index_map_paths(data_prefix, num_samples, seq_length, seed, name=name, cache_dir=cache_dir)
+                                 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], IndexMapPaths | None]:
+    """The maps, from GPT-NeoX-named files in ``cache_dir`` when all three exist, else built (and saved
+    there unless ``write=False``).
+
+    ``cache_dir`` is a directory the caller owns (the workflow: ``resources/order/<variant>``). Without it
+    the maps are built in memory and the returned paths are None: files beside the data (an external
+    directory anyone may write) are never read, so a planted map cannot change the order. Maps written by
+    GPT-NeoX can be copied into ``cache_dir``, and ours used by GPT-NeoX.
+    """
     tokens = num_tokens(sizes)
+    if cache_dir is None:
+        return build_index_mappings(sizes, seq_length, seed, num_samples, max_bytes=max_bytes, log=log), None
+    paths = index_map_paths(data_prefix, num_samples, seq_length, seed, name=name, cache_dir=cache_dir)
     if paths.exist():
         maps = load_index_mappings(paths, n_docs=len(sizes), tokens_per_epoch=tokens,
                                    seq_length=seq_length, num_samples=num_samples)
@@ -289,8 +299,7 @@ def load_or_build_index_mappings(data_prefix: str | os.PathLike, sizes: np.ndarr
             for path, arr in zip(paths.all(), maps, strict=True):
                 save_npy(path, arr)
         except OSError as exc:
-            raise RetraceError(f"cannot write index maps to {paths.doc_idx.parent} ({exc}); pass cache_dir "
-                               "to a writable directory") from exc
+            raise RetraceError(f"cannot write index maps to {paths.doc_idx.parent} ({exc})") from exc
     return maps, paths
 
 

@@ -1,4 +1,4 @@
-"""The Pile variants Pythia trained on, where to get them, and how to make one usable ``.bin``/``.idx``.
+"""The Pile variants Pythia trained on: where each lives (pinned), how it is laid out, what a study fetches.
 
 Four variants: ``standard`` / ``deduped`` × ``raw`` (tokenized documents, fed through the index maps) /
 ``preshuffled`` (the training stream itself, one ``seq_length+1``-token item per sample, in order).
@@ -7,45 +7,45 @@ Four variants: ``standard`` / ``deduped`` × ``raw`` (tokenized documents, fed t
 data           kind         source
 =============  ===========  ===========================================================================
 deduped        raw          ``EleutherAI/pythia_deduped_pile_idxmaps``: 83 shards
-                            ``pile_0.87_deduped_text_document-000NN-of-00082.bin`` + ``….idx``;
-                            per-shard, idx and merged-bin sha256 published in Pythia's
-                            ``utils/shard_hashes.txt`` / README
+                            ``pile_0.87_deduped_text_document-000NN-of-00082.bin`` (5,000,000,000 bytes
+                            but the last) + ``….idx``; per-shard, idx and merged-bin sha256 published in
+                            Pythia's ``utils/shard_hashes.txt`` / README
 deduped        preshuffled  ``EleutherAI/pile-deduped-pythia-preshuffled``: 21 shards
-                            ``document-000NN-of-00020.bin`` + ``document.idx`` (no published hashes)
+                            ``document-000NN-of-00020.bin`` (30,000,000,000 bytes but the last) +
+                            ``document.idx``; sha256 = the Hub's Git LFS sha256 at the pinned commit
 standard       preshuffled  ``EleutherAI/pile-standard-pythia-preshuffled``: same layout
-standard       raw          not published anywhere we could find: pass ``path=`` to a copy of
-                            ``pile_20B_tokenizer_text_document`` on your cluster
+standard       raw          pass ``path=`` to a copy of ``pile_20B_tokenizer_text_document`` (see the
+                            entry's note for a Hub repo that may hold it)
 =============  ===========  ===========================================================================
 
-:func:`prepare_variant` downloads the shards with ``hf_hub_download`` (``repo_type="dataset"``; resumable;
-offline it uses the Hugging Face cache), concatenates them in order into ``<dest>/<name>.bin`` while
-hashing each shard and the whole, and moves the result into place only after every known sha256 matched
-and the pair opened as a valid indexed dataset. A half-merged ``.bin`` only ever exists under a
-temporary name. A ``<name>.retrace.json`` written last marks a completed preparation. Or pass
-``path=`` to use a copy already on disk as it is.
+Revisions are pinned per repository. The two preshuffled commits are the snapshots the Hub serves these
+files from (``bac79b6…`` is the standard repo's ``main`` head, "Upload document.idx"; ``4647773…`` is the
+commit of the deduped repo's snapshots in public caches); the idxmaps repo's head commit was not
+established, so its revision is ``main``, resolved to a commit once and recorded in the variant's shard
+manifest, which later runs use (look the commit up with
+``HfApi().dataset_info("EleutherAI/pythia_deduped_pile_idxmaps").sha`` to pin it here).
 
-Repository and file names follow Pythia's README and ``utils/`` scripts (shards at the repository root);
-they were not checked against the live Hub from here. ``subfolder`` in an entry handles a moved layout.
+Nothing is merged: shards are read in place from the Hugging Face cache through a shard manifest
+(:mod:`retrace.data.shards`). A preshuffled item j lies at byte ``(seq_length+1)·2·j`` of the stream, so a
+study fetches only the shards holding the items it trains on (:func:`plan_variant_fetch`); raw variants
+need every shard (the index maps span the whole corpus). :func:`prepare_variant` fetches and verifies
+(:mod:`retrace.data.prepare`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrace.data.indexed import IndexedDataset, split_prefix
+from retrace.data.hubfetch import check_revision
+from retrace.data.integrity import is_sha256
 from retrace.errors import RetraceError
-from retrace.hubenv import hub_offline
-from retrace.io import _fsync_dir, _fsync_file, sha256_file, write_json
+from retrace.pythia.constants import SEQ_LENGTH
 
 DATA = ("standard", "deduped")
 KINDS = ("raw", "preshuffled")
-_CHUNK = 16 << 20
+TOKEN_BYTES = 2  # uint16: the 20B tokenizer's vocabulary fits (GPT-NeoX best_fitting_dtype)
 
 #: sha256 of each shard of EleutherAI/pythia_deduped_pile_idxmaps (Pythia utils/shard_hashes.txt).
 DEDUPED_RAW_SHARD_SHA256 = (
@@ -134,25 +134,57 @@ DEDUPED_RAW_SHARD_SHA256 = (
     "be207095385d4ad70c49492f0f4891d909eaf58ac3289be41cf244192f4828d5",  # 00082
 )
 
+#: The preshuffled streams: 143000 steps × 1024 items of 2049 uint16 tokens = 600,078,336,000 bytes,
+#: in shards of 30,000,000,000 bytes (the last 78,336,000). Their document.idx lists 146,432,000
+#: sequences of 2049 tokens with a 1-entry doc_idx: 34 + 12·146,432,000 + 8 = 1,757,184,042 bytes
+#: (the size of the deduped repo's document.idx; the standard one is built the same way).
+PRESHUFFLED_ITEMS = 146_432_000
+PRESHUFFLED_ITEM_TOKENS = SEQ_LENGTH + 1
+PRESHUFFLED_BIN_BYTES = PRESHUFFLED_ITEMS * PRESHUFFLED_ITEM_TOKENS * TOKEN_BYTES
+PRESHUFFLED_IDX_BYTES = 34 + 12 * PRESHUFFLED_ITEMS + 8
+PRESHUFFLED_SHARD_BYTES = 30_000_000_000
+
 
 @dataclass(frozen=True)
 class VariantSource:
-    """Where one variant lives on the Hugging Face Hub and how to reassemble it."""
+    """Where one variant lives on the Hugging Face Hub, pinned, and how its ``.bin`` is sharded."""
 
     data: str  # "standard" | "deduped"
     kind: str  # "raw" | "preshuffled"
-    name: str  # base name of the merged prefix: <name>.bin / <name>.idx
+    name: str  # base name of the prefix: <name>.idx and the shards <name>-000NN-of-000MM.bin
     repo_id: str | None = None  # None: not published, a local path is required
+    #: a 40-hex commit, or a branch resolved to a commit once and recorded (required with repo_id)
+    revision: str | None = None
     num_shards: int = 0
     shard_template: str = "{name}-{index:05d}-of-{last:05d}.bin"
     idx_file: str | None = None
     subfolder: str = ""
+    shard_bytes: int | None = None  # every shard but the last has exactly this many bytes
+    bin_bytes: int | None = None  # the whole .bin (sets the last shard's size)
+    idx_bytes: int | None = None
     bin_sha256: str | None = None
     idx_sha256: str | None = None
     shard_sha256: tuple[str, ...] | None = None
     neox_path: str | None = None  # the data path in Pythia's GPT-NeoX configs
     note: str = ""
     extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        where = f"data variant {self.data}/{self.kind}"
+        if self.repo_id is not None:
+            if self.revision is None:
+                raise RetraceError(f"{where}: {self.repo_id} needs a revision (a commit sha, or a branch that "
+                                   "is resolved once and recorded)")
+            check_revision(self.revision, where=f"{where} ({self.repo_id})")
+            if self.num_shards <= 0:
+                raise RetraceError(f"{where}: num_shards must be > 0")
+        for key in ("bin_sha256", "idx_sha256"):
+            v = getattr(self, key)
+            if v is not None and not is_sha256(v):
+                raise RetraceError(f"{where}: {key} {v!r} is not 64 lowercase hex digits")
+        if self.shard_sha256 is not None:
+            if len(self.shard_sha256) != self.num_shards or not all(map(is_sha256, self.shard_sha256)):
+                raise RetraceError(f"{where}: shard_sha256 must be {self.num_shards} sha256 values")
 
     @property
     def label(self) -> str:
@@ -167,30 +199,48 @@ class VariantSource:
         idx = self.idx_file or f"{self.name}.idx"
         return f"{self.subfolder}/{idx}" if self.subfolder else idx
 
+    def layout(self) -> list[int] | None:
+        """Bytes of each shard from the registry's layout, or None when it does not fix every size."""
+        if self.shard_bytes is None or self.bin_bytes is None:
+            return None
+        last = self.bin_bytes - (self.num_shards - 1) * self.shard_bytes
+        if not 0 < last <= self.shard_bytes:
+            raise RetraceError(f"{self.label}: {self.num_shards} shards of {self.shard_bytes} bytes cannot "
+                               f"make {self.bin_bytes} bytes")
+        return [self.shard_bytes] * (self.num_shards - 1) + [last]
+
 
 VARIANTS: dict[tuple[str, str], VariantSource] = {
     ("deduped", "raw"): VariantSource(
         data="deduped", kind="raw", name="pile_0.87_deduped_text_document",
-        repo_id="EleutherAI/pythia_deduped_pile_idxmaps", num_shards=83,
+        repo_id="EleutherAI/pythia_deduped_pile_idxmaps", revision="main", num_shards=83,
+        shard_bytes=5_000_000_000,
         bin_sha256="0cd548efd15974d5cca78f9baddbd59220ca675535dcfc0c350087c79f504693",
         idx_sha256="a659c5a57fa772fb6d3582c6e0b3a55c0c43b16ee8ea72ac6a70cebcdd35d669",
         shard_sha256=DEDUPED_RAW_SHARD_SHA256,
         neox_path="/fsx/pile_deduped/pile_0.87_deduped_text_document",
         note="unshuffled tokenized deduplicated Pile, the input of the index maps; shards are 5,000,000,000 "
-             "bytes except the last"),
+             "bytes except the last (its size comes from the Hub); revision main is pinned at first use"),
     ("deduped", "preshuffled"): VariantSource(
         data="deduped", kind="preshuffled", name="document",
-        repo_id="EleutherAI/pile-deduped-pythia-preshuffled", num_shards=21, idx_file="document.idx",
-        note="the deduped training stream, items of 2049 tokens in training order; no published hashes"),
+        repo_id="EleutherAI/pile-deduped-pythia-preshuffled", revision="4647773ea142ab1ff5694602fa104bbf49088408",
+        num_shards=21, idx_file="document.idx", shard_bytes=PRESHUFFLED_SHARD_BYTES,
+        bin_bytes=PRESHUFFLED_BIN_BYTES, idx_bytes=PRESHUFFLED_IDX_BYTES,
+        note="the deduped training stream, items of 2049 tokens in training order; sha256 from the Hub's LFS "
+             "metadata"),
     ("standard", "preshuffled"): VariantSource(
         data="standard", kind="preshuffled", name="document",
-        repo_id="EleutherAI/pile-standard-pythia-preshuffled", num_shards=21, idx_file="document.idx",
-        note="the standard training stream, items of 2049 tokens in training order; no published hashes"),
+        repo_id="EleutherAI/pile-standard-pythia-preshuffled", revision="bac79b6820adb34e451f9a02cc1dc7cd920febf0",
+        num_shards=21, idx_file="document.idx", shard_bytes=PRESHUFFLED_SHARD_BYTES,
+        bin_bytes=PRESHUFFLED_BIN_BYTES, idx_bytes=PRESHUFFLED_IDX_BYTES,
+        note="the standard training stream, items of 2049 tokens in training order; sha256 from the Hub's "
+             "LFS metadata"),
     ("standard", "raw"): VariantSource(
         data="standard", kind="raw", name="pile_20B_tokenizer_text_document", repo_id=None,
         neox_path="/fsx/pile/pile_20B_tokenizer_text_document",
-        note="no public repository of the tokenized standard Pile idxmaps was found; pass path= to a copy "
-             "(prefix of pile_20B_tokenizer_text_document.{bin,idx})"),
+        note="pass path= to a copy (prefix of pile_20B_tokenizer_text_document.{bin,idx}); the Hub dataset "
+             "EleutherAI/pythia_pile_idxmaps appears to hold it as 133 shards "
+             "pile_20B_tokenizer_text_document-000NN-of-00132.bin, not yet checked or registered here"),
 }
 
 
@@ -205,142 +255,210 @@ def registry_table() -> list[dict]:
     """The registry as rows (for printing or a Parquet table)."""
     rows = []
     for (data, kind), s in sorted(VARIANTS.items()):
-        rows.append({"data": data, "kind": kind, "repo_id": s.repo_id, "shards": s.num_shards,
-                     "merged": s.name, "bin_sha256": s.bin_sha256, "neox_path": s.neox_path, "note": s.note})
+        rows.append({"data": data, "kind": kind, "repo_id": s.repo_id, "revision": s.revision,
+                     "shards": s.num_shards, "prefix": s.name, "bin_bytes": s.bin_bytes,
+                     "bin_sha256": s.bin_sha256, "neox_path": s.neox_path, "note": s.note})
     return rows
 
 
-# -- preparation ---------------------------------------------------------------------------------
+# -- the fetch plan (pure) -------------------------------------------------------------------------
 
-def _marker_path(prefix: Path) -> Path:
-    return Path(f"{prefix}.retrace.json")
+@dataclass(frozen=True)
+class PlannedFile:
+    name: str  # repo file name
+    index: int | None  # shard index; None for the .idx
+    bytes: int | None  # None: not known before the Hub's file list
+    have: bool = False  # already fetched and verified (the variant's record says so)
 
 
-def _download(source: VariantSource, filename: str, revision: str, cache_dir, token) -> Path:
-    from huggingface_hub import hf_hub_download
+@dataclass(frozen=True)
+class FetchPlan:
+    """What one variant needs on disk for a study: files, bytes to download, disk used.
 
-    kwargs = {"repo_type": "dataset", "revision": revision}
-    if cache_dir is not None:
-        kwargs["cache_dir"] = str(cache_dir)
-    if token is not None:
-        kwargs["token"] = token
-    if hub_offline():
-        kwargs["local_files_only"] = True
-    try:
-        return Path(hf_hub_download(source.repo_id, filename, **kwargs))
-    except Exception as exc:  # noqa: BLE001 - network, not-found, offline cache miss
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise RetraceError(f"{source.repo_id}@{revision}: cannot fetch {filename}"
-                           f"{' (offline: not in the Hugging Face cache)' if hub_offline() else ''}: "
-                           f"{type(exc).__name__}: {first}") from exc
+    ``legacy_*`` are what retrace did before shards were read in place: every shard downloaded, then a
+    merged copy of the whole ``.bin`` (and the ``.idx``) written beside the cache.
+    """
 
+    label: str
+    repo_id: str | None
+    revision: str | None
+    items: tuple[int, int] | None  # item range [first, stop) read; None: the whole corpus (raw)
+    byte_range: tuple[int, int] | None  # bytes of the .bin those items occupy
+    files: tuple[PlannedFile, ...]  # the .idx, then the shards needed, in order
+    num_shards: int
+    bin_bytes: int | None  # the whole .bin on the Hub (None: not known yet)
+    idx_bytes: int | None
+    note: str = ""
+
+    @property
+    def shards(self) -> tuple[int, ...]:
+        return tuple(f.index for f in self.files if f.index is not None)
+
+    @property
+    def exact(self) -> bool:
+        """Whether every size below is known (not a lower bound)."""
+        return all(f.bytes is not None for f in self.files)
+
+    @property
+    def fetch_bytes(self) -> int:
+        """Bytes still to download (a lower bound unless ``exact``)."""
+        return sum(f.bytes or 0 for f in self.files if not f.have)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Disk the variant occupies once prepared: the fetched files themselves, nothing merged."""
+        return sum(f.bytes or 0 for f in self.files)
+
+    @property
+    def legacy_fetch_bytes(self) -> int | None:
+        if self.repo_id is None or self.bin_bytes is None or self.idx_bytes is None:
+            return None
+        return self.bin_bytes + self.idx_bytes
+
+    @property
+    def legacy_disk_bytes(self) -> int | None:
+        fetched = self.legacy_fetch_bytes
+        return None if fetched is None else 2 * fetched
+
+    def as_dict(self) -> dict:
+        return {"variant": self.label, "repo_id": self.repo_id, "revision": self.revision,
+                "items": list(self.items) if self.items else None,
+                "byte_range": list(self.byte_range) if self.byte_range else None,
+                "shards": list(self.shards), "num_shards": self.num_shards,
+                "files": [{"name": f.name, "shard": f.index, "bytes": f.bytes, "have": f.have} for f in self.files],
+                "fetch_bytes": self.fetch_bytes, "disk_bytes": self.disk_bytes, "exact": self.exact,
+                "bin_bytes": self.bin_bytes, "idx_bytes": self.idx_bytes,
+                "legacy_fetch_bytes": self.legacy_fetch_bytes, "legacy_disk_bytes": self.legacy_disk_bytes,
+                "note": self.note}
+
+    def describe(self) -> str:
+        """One line for ``retrace plan``."""
+        gb = lambda n: f"{n / 1e9:,.1f} GB" if n is not None else "?"  # noqa: E731
+        if self.repo_id is None:
+            return f"{self.label}: {self.note}"
+        at = f"{self.repo_id}@{(self.revision or '')[:12]}"
+        what = (f"items [{self.items[0]:,}, {self.items[1]:,})" if self.items else "the whole corpus (index maps)")
+        shards = self.shards
+        span = (f"shard {shards[0]:05d}" if len(shards) == 1 else
+                f"{len(shards)} shards {shards[0]:05d}–{shards[-1]:05d}" if shards else "no shard")
+        bound = "" if self.exact else "≥ "
+        line = (f"{self.label} ({at}): {what} → {span} of {self.num_shards} + the .idx; "
+                f"fetch {bound}{gb(self.fetch_bytes)}, disk {bound}{gb(self.disk_bytes)}")
+        if self.legacy_fetch_bytes is not None:
+            line += (f" (every shard plus a merged copy, as before: download {gb(self.legacy_fetch_bytes)}, "
+                     f"disk {gb(self.legacy_disk_bytes)})")
+        return line
+
+
+def _source(corpus: str | VariantSource, format: str | None) -> VariantSource:
+    return corpus if isinstance(corpus, VariantSource) else variant_source(corpus, format or "")
+
+
+def plan_variant_fetch(corpus: str | VariantSource, format: str | None = None, *, max_items: int | None = None,
+                       first_item: int = 0, seq_length: int = SEQ_LENGTH, shuffle_samples: bool = False,
+                       num_samples: int | None = None, shard_sizes: list[int] | None = None,
+                       idx_bytes: int | None = None, have: frozenset[int] | set[int] = frozenset(),
+                       have_idx: bool = False, revision: str | None = None) -> FetchPlan:
+    """The shards (and bytes) a study needs of one variant. Pure: no network, no disk.
+
+    Args:
+        corpus: ``standard`` / ``deduped``, or a :class:`VariantSource`.
+        format: ``raw`` / ``preshuffled``.
+        max_items: preshuffled: items ``[first_item, max_items)`` are read (a cell trained to step S at
+            global batch B reads ``[0, S·B)``); None: all of them. Raw: ignored (the index maps need
+            the whole corpus).
+        first_item: the first item read (cells restarted from a later step read from there).
+        seq_length: item ``j`` is ``seq_length + 1`` tokens at byte ``(seq_length + 1)·2·j``.
+        shuffle_samples: preshuffled items permuted with a seed (``num_samples`` of them, default all):
+            the first items then come from anywhere in the stream.
+        shard_sizes: each shard's bytes, as the Hub lists them (default: the registry's layout).
+        idx_bytes: the .idx's bytes (default: the registry's).
+        have: shard indices already fetched and verified; ``have_idx``: the .idx too.
+        revision: the commit the record pinned (default: the registry's revision).
+
+    Returns:
+        The :class:`FetchPlan`.
+
+    Raises:
+        RetraceError: an unknown variant, a negative or empty item range, or items beyond the stream.
+    """
+    source = _source(corpus, format)
+    if source.repo_id is None:
+        return FetchPlan(source.label, None, None, None, None, (), 0, None, None,
+                         note=f"not on the Hub; uses the copy at the variant's path ({source.note})")
+    sizes = list(shard_sizes) if shard_sizes is not None else source.layout()
+    if sizes is not None and len(sizes) != source.num_shards:
+        raise RetraceError(f"{source.label}: {len(sizes)} shard sizes for {source.num_shards} shards")
+    bin_bytes = sum(sizes) if sizes is not None else source.bin_bytes
+    idx_bytes = idx_bytes if idx_bytes is not None else source.idx_bytes
+    names = source.shard_files()
+    if source.kind == "raw":
+        need = list(range(source.num_shards))
+        items = byte_range = None
+    else:
+        width = (seq_length + 1) * TOKEN_BYTES
+        total_items = bin_bytes // width if bin_bytes is not None else None
+        if shuffle_samples:
+            first, stop = 0, num_samples if num_samples is not None else total_items
+        else:
+            first, stop = int(first_item), max_items if max_items is not None else total_items
+        if stop is None:
+            raise RetraceError(f"{source.label}: the stream's size is not known; give max_items or the shard sizes")
+        if first < 0 or stop <= first:
+            raise RetraceError(f"{source.label}: item range [{first}, {stop}) is empty or negative")
+        if total_items is not None and stop > total_items:
+            raise RetraceError(f"{source.label}: items up to {stop:,} requested but the stream holds "
+                               f"{total_items:,} items of {seq_length + 1} tokens")
+        items, byte_range = (first, stop), (first * width, stop * width)
+        if sizes is None:
+            raise RetraceError(f"{source.label}: shard sizes unknown; pass shard_sizes from the Hub's file list")
+        need, pos = [], 0
+        for i, size in enumerate(sizes):
+            if pos < byte_range[1] and byte_range[0] < pos + size:
+                need.append(i)
+            pos += size
+    files = [PlannedFile(source.idx_repo_file(), None, idx_bytes, have_idx)]
+    files += [PlannedFile(names[i], i, sizes[i] if sizes is not None else
+                          (source.shard_bytes if i < source.num_shards - 1 else None), i in have) for i in need]
+    return FetchPlan(source.label, source.repo_id, revision or source.revision, items, byte_range, tuple(files),
+                     source.num_shards, bin_bytes, idx_bytes, note=source.note)
+
+
+# -- preparing (I/O lives in retrace.data.prepare) -------------------------------------------------
 
 def prepare_variant(data: str | VariantSource, kind: str | None = None, dest: str | os.PathLike | None = None, *,
                     path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                    revision: str = "main", verify: bool | None = None, token: str | None = None,
+                    revision: str | None = None, max_items: int | None = None, first_item: int = 0,
+                    seq_length: int = SEQ_LENGTH, shuffle_samples: bool = False, num_samples: int | None = None,
+                    rehash: bool = False, token: str | None = None, endpoint: str | None = None,
                     log=None) -> Path:
-    """Make variant ``data``/``kind`` available as ``<prefix>.{bin,idx}`` and return the prefix.
+    """Make a variant readable as ``<dest>/<name>`` (through its shard manifest) and return that prefix.
 
-    ``path``: use a copy already on disk (a prefix, or its .bin/.idx); it is opened and validated, and
-    hashed against the registry only with ``verify=True`` (hashing hundreds of GB takes a while).
-    Otherwise the shards are fetched from the Hub into the Hugging Face cache (``cache_dir``) and merged
-    into ``dest``; every published sha256 is checked (``verify=False`` skips that).
+    Hub variants: fetch the .idx and the shards :func:`plan_variant_fetch` names into the Hugging Face
+    cache (``cache_dir``), verify each, and write ``<dest>/<name>.shards.json`` last. ``path``: a copy on
+    disk; its .idx and .bin are hashed on first use, recorded in the manifest under ``dest`` and checked
+    on every later use (see :mod:`retrace.data.prepare` for the details and the failure modes).
     """
-    source = data if isinstance(data, VariantSource) else variant_source(data, kind or "")
-    say = log or (lambda _msg: None)
+    from retrace.data.prepare import prepare_copy, prepare_hub
+
+    source = _source(data, kind)
+    if dest is None:
+        raise RetraceError(f"{source.label}: pass dest, the directory for the variant's record "
+                           "(the workflow: resources/data/pile/<variant>)")
     if path is not None:
-        prefix = split_prefix(path)
-        with IndexedDataset(prefix):
-            pass
-        if verify:
-            for p, want in ((Path(f"{prefix}.bin"), source.bin_sha256), (Path(f"{prefix}.idx"), source.idx_sha256)):
-                if want:
-                    got = sha256_file(p)
-                    if got != want:
-                        raise RetraceError(f"{p}: sha256 {got} does not match the published {want} for "
-                                           f"{source.label}")
-        return prefix
+        return prepare_copy(source, dest, path, rehash=rehash, log=log)
     if source.repo_id is None:
         raise RetraceError(f"{source.label}: {source.note}")
-    if dest is None:
-        raise RetraceError(f"{source.label}: pass dest (a directory for the merged files) or path")
-    verify = True if verify is None else verify
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    prefix = dest / source.name
-    bin_path, idx_path, marker = Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), _marker_path(prefix)
-    done = _read_marker(marker)
-    if done and bin_path.is_file() and idx_path.is_file() and bin_path.stat().st_size == done.get("bin_bytes"):
-        say(f"{source.label}: already prepared at {prefix}")
-        return prefix
-
-    shard_names = source.shard_files()
-    if source.shard_sha256 is not None and len(source.shard_sha256) != len(shard_names):
-        raise RetraceError(f"{source.label}: registry lists {len(source.shard_sha256)} shard hashes for "
-                           f"{len(shard_names)} shards")
-    idx_src = _download(source, source.idx_repo_file(), revision, cache_dir, token)
-    shards = []
-    for i, name in enumerate(shard_names):
-        say(f"{source.label}: shard {i + 1}/{len(shard_names)} {name}")
-        shards.append(_download(source, name, revision, cache_dir, token))
-
-    tmp_bin = dest / f".{source.name}.bin.{os.getpid()}.partial"
-    tmp_idx = dest / f".{source.name}.idx.{os.getpid()}.partial"
-    try:
-        shutil.copyfile(idx_src, tmp_idx)
-        idx_sha = sha256_file(tmp_idx)
-        if verify and source.idx_sha256 and idx_sha != source.idx_sha256:
-            raise RetraceError(f"{source.repo_id}: {source.idx_repo_file()} ({idx_src}) has sha256 {idx_sha}, "
-                               f"expected {source.idx_sha256}")
-        whole = hashlib.sha256()
-        total = 0
-        with open(tmp_bin, "wb") as out:
-            for i, shard in enumerate(shards):
-                h = hashlib.sha256()
-                with open(shard, "rb") as fh:
-                    while chunk := fh.read(_CHUNK):
-                        h.update(chunk)
-                        whole.update(chunk)
-                        out.write(chunk)
-                        total += len(chunk)
-                want = source.shard_sha256[i] if source.shard_sha256 else None
-                if verify and want and h.hexdigest() != want:
-                    raise RetraceError(f"{source.repo_id}: shard {shard_names[i]} ({shard}) has sha256 "
-                                       f"{h.hexdigest()}, expected {want}; delete it from the cache and fetch again")
-        bin_sha = whole.hexdigest()
-        if verify and source.bin_sha256 and bin_sha != source.bin_sha256:
-            raise RetraceError(f"{source.label}: merged {prefix}.bin would have sha256 {bin_sha}, expected "
-                               f"{source.bin_sha256}")
-        with IndexedDataset(prefix, bin_path=tmp_bin, idx_path=tmp_idx):
-            pass  # structure check before anything gets the final name
-        _fsync_file(tmp_bin)
-        _fsync_file(tmp_idx)
-        os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
-        _fsync_dir(dest)
-    except BaseException:
-        for p in (tmp_bin, tmp_idx):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        raise
-    write_json(marker, {"variant": source.label, "repo_id": source.repo_id, "revision": revision,
-                        "shards": shard_names, "bin_bytes": total, "bin_sha256": bin_sha, "idx_sha256": idx_sha,
-                        "verified": bool(verify), "published_bin_sha256": source.bin_sha256})
-    say(f"{source.label}: merged {len(shards)} shards into {bin_path} ({total} bytes)")
-    return prefix
-
-
-def _read_marker(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return prepare_hub(source, dest, cache_dir=cache_dir, revision=revision, max_items=max_items,
+                       first_item=first_item, seq_length=seq_length, shuffle_samples=shuffle_samples,
+                       num_samples=num_samples, rehash=rehash, token=token, endpoint=endpoint, log=log)
 
 
 def shard_file(bin_path: str | os.PathLike, out_dir: str | os.PathLike, shard_bytes: int,
                template: str = "{name}-{index:05d}-of-{last:05d}.bin") -> list[Path]:
-    """Split a ``.bin`` into fixed-size shards named like Pythia's (the inverse of the merge)."""
+    """Split a ``.bin`` into fixed-size shards named like Pythia's (the inverse of ``unshard_memmap.py``)."""
+    from retrace.io import atomic_path
+
     bin_path, out_dir = Path(bin_path), Path(out_dir)
     size = bin_path.stat().st_size
     n = max(1, -(-size // shard_bytes))
@@ -350,10 +468,10 @@ def shard_file(bin_path: str | os.PathLike, out_dir: str | os.PathLike, shard_by
     with open(bin_path, "rb") as fh:
         for i in range(n):
             p = out_dir / template.format(name=name, index=i, last=n - 1)
-            with open(p, "wb") as out:
-                remaining = shard_bytes
-                while remaining and (chunk := fh.read(min(_CHUNK, remaining))):
+            with atomic_path(p) as tmp, open(tmp, "wb") as out:
+                left = shard_bytes
+                while left and (chunk := fh.read(min(left, 16 << 20))):
                     out.write(chunk)
-                    remaining -= len(chunk)
+                    left -= len(chunk)
             paths.append(p)
     return paths
