@@ -42,16 +42,45 @@ def write_reference_steps(files: list[str], path: str, log_path: str) -> None:
     Path(log_path).write_text(f"{len(files)} checkpoints -> {path}\n")
 
 
+def pile_needs(study: Study, variant_name: str) -> dict[str, Any]:
+    """What the study's cells read of a Pile variant: for a preshuffled stream the item range [first_item,
+    max_items) (fetch only the shards covering it), for raw data the whole corpus (max_items None: the
+    index maps need every document). A param of the pile_data rule, so a study that trains further
+    fetches the missing shards."""
+    variant = study.data[variant_name]
+    cells = [c for c in study.cells() if c.data.name == variant_name]
+    seq = {c.model.recipe_values().seq_length for c in cells} or {None}
+    if len(seq) > 1:
+        raise RetraceError(f"data.{variant_name}: its cells train on sequence lengths {sorted(seq)}; a Pile "
+                           "variant has one item length")
+    if variant.format == "raw" or not cells:
+        return {"max_items": None, "first_item": 0, "seq_length": seq.pop()}
+    return {"max_items": max(c.steps * c.model.global_batch for c in cells),
+            "first_item": min(c.model.start_step * c.model.global_batch for c in cells), "seq_length": seq.pop()}
+
+
 def prepare_pile_variant(study: Study, variant_name: str, dest: str, record: str, log_path: str) -> None:
-    """Download and merge (or check a copy of) one Pile variant; the JSON record is written last."""
-    from retrace.data.variants import prepare_variant
+    """Fetch (only what the cells read) and verify, or check a copy of, one Pile variant; its record last."""
+    from retrace.data.variants import plan_variant_fetch, prepare_variant
+    from retrace.pythia.constants import SEQ_LENGTH
 
     variant = study.data[variant_name]
+    needs = pile_needs(study, variant_name)
+    seq_length = needs["seq_length"] or SEQ_LENGTH
     with open(log_path, "w") as fh:
+        say = lambda msg: print(msg, file=fh, flush=True)  # noqa: E731
+        plan = None
+        if variant.path is None:
+            plan = plan_variant_fetch(variant.corpus, variant.format, max_items=needs["max_items"],
+                                      first_item=needs["first_item"], seq_length=seq_length,
+                                      shuffle_samples=variant.shuffle_samples)
+            say(plan.describe())
         prefix = prepare_variant(variant.corpus, variant.format, dest, path=variant.path,
-                                 log=lambda msg: print(msg, file=fh, flush=True))
-        print(f"{variant_name}: {prefix}", file=fh)
-    write_json(record, {"variant": variant_name, "prefix": str(prefix)})
+                                 max_items=needs["max_items"], first_item=needs["first_item"], seq_length=seq_length,
+                                 shuffle_samples=variant.shuffle_samples, log=say)
+        say(f"{variant_name}: {prefix}")
+    write_json(record, {"variant": variant_name, "prefix": str(prefix), "needs": needs,
+                        "plan": plan.as_dict() if plan is not None else None})
 
 
 def cross_generation_entries(study: Study) -> list[dict[str, Any]]:

@@ -63,6 +63,7 @@ def _train_spec(study: Study, m: Model, *, data, parallel, attention, precision,
                        reference=reference, start_step=start_step, out=out,
                        data=paths.data_prefix(data, study.synthetic["seed"]), data_kind=data.format,
                        order_seed=data.order_seed, shuffle_samples=data.shuffle_samples,
+                       order_cache=paths.order_dir(data) if data.format == "raw" or data.shuffle_samples else None,
                        gpus=parallel.gpus, pdbs=parallel.pdbs, gas=parallel.gas, global_batch=m.global_batch,
                        attention=attention, precision=precision, engine=engine, steps=steps, seed=seed,
                        recipe=m.recipe)

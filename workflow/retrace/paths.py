@@ -56,12 +56,16 @@ def data_prefix(variant, synthetic_seed: int) -> str:
     """The .bin/.idx prefix of a data variant (``retrace train --data``)."""
     if variant.source == "synthetic":
         return f"{synthetic_dir(synthetic_seed)}/{variant.corpus}/{variant.format}/{SYNTH_NAME}"
-    from retrace.data.indexed import split_prefix
     from retrace.data.variants import variant_source
 
-    if variant.path is not None:
-        return str(split_prefix(variant.path))
-    return f"{RESOURCES}/data/pile/{variant.name}/{variant_source(variant.corpus, variant.format).name}"
+    # Hub shards and `path:` copies alike are read through the manifest the pile_data rule writes here.
+    return f"{pile_dir(variant)}/{variant_source(variant.corpus, variant.format).name}"
+
+
+def pile_dir(variant) -> str:
+    """Where a Pile variant's record and shard manifest live (the data itself stays in the Hub cache, or
+    in the copy ``path:`` names)."""
+    return f"{RESOURCES}/data/pile/{variant.name}"
 
 
 def data_ready(variant, synthetic_seed: int) -> str:
@@ -71,9 +75,14 @@ def data_ready(variant, synthetic_seed: int) -> str:
     return f"{RESOURCES}/data/pile/{variant.name}.json"
 
 
+def order_dir(variant) -> str:
+    """The cache of a variant's order maps (GPT-NeoX's file names), never beside the data."""
+    return f"{RESOURCES}/order/{variant.name}"
+
+
 def order_record(variant, num_samples: int, seq_length: int) -> str:
     """The record of the order maps of (variant, sample count, sequence length, order seed)."""
-    return f"{RESOURCES}/order/{variant.name}/ns{num_samples}_sl{seq_length}_s{variant.order_seed}.json"
+    return f"{order_dir(variant)}/ns{num_samples}_sl{seq_length}_s{variant.order_seed}.json"
 
 
 def built_record(model_name: str) -> str:

@@ -80,6 +80,9 @@ class TrainConfig:
                              "is the order", default="preshuffled", choices=DATA_FORMATS)
     shuffle_samples: bool = setting("permute preshuffled items with --order-seed", default=False)
     order_seed: int = setting("seed of the data order (GPT-NeoX: 1234)", default=SEED)
+    order_cache: str | None = setting("directory of the cached index maps (GPT-NeoX's file names; `retrace "
+                                      "order` builds them); default: built in memory", default=None,
+                                      metavar="DIR", resume=False)
     gpus: int = setting("data-parallel ranks", default=1)
     pdbs: int | None = setting("micro batch per rank (default: the recipe's)", default=None)
     gas: int | None = setting("gradient accumulation steps (default: the recipe's)", default=None)

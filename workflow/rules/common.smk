@@ -31,7 +31,7 @@ _CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_metho
 _PYTHON = "python" if _CONDA else sys.executable
 _BIN = Path(workflow.basedir) / "workflow" / "bin"
 shell.prefix(
-    f"set -euo pipefail; export PATH={shlex.quote(str(_BIN))}:\"$PATH\" RETRACE_PYTHON={shlex.quote(_PYTHON)}; "
+    f'set -euo pipefail; export PATH={shlex.quote(str(_BIN))}:"$PATH" RETRACE_PYTHON={shlex.quote(_PYTHON)}; '
 )
 _DEPS = sorted({cell.deps for cell in STUDY.cells()})
 if len(_DEPS) > 1 and not _CONDA:
@@ -143,9 +143,18 @@ def synth_options(wildcards):
     )
 
 
+def pile_dest(wildcards):
+    return layout.pile_dir(variant_of(wildcards))
+
+
 def pile_source(wildcards):
     v = variant_of(wildcards)
-    return {"corpus": v.corpus, "format": v.format, "path": v.path}
+    return {
+        "corpus": v.corpus,
+        "format": v.format,
+        "path": v.path,
+        **jobs.pile_needs(STUDY, wildcards.variant),
+    }
 
 
 def order_record(variant, model):

@@ -33,9 +33,9 @@ rule pile_data:
         # one slot per download: `--resources downloads=4` caps parallel Hub downloads
         downloads=1,
     params:
-        # what the variant is: changing it redoes the data
+        # what the variant is and which items the cells read: a study that trains further fetches more
         source=pile_source,
-        dest="resources/data/pile/{variant}",
+        dest=pile_dest,
     run:
         jobs.prepare_pile_variant(
             STUDY, wildcards.variant, params.dest, output[0], log[0]
@@ -60,5 +60,5 @@ rule order_maps:
         logged(
             "retrace order --data {params.prefix:q} --kind {params.kind} {params.shuffle}"
             " --num-samples {wildcards.num_samples} --seq-length {wildcards.seq_length}"
-            " --seed {wildcards.order_seed} --marker {output:q}"
+            " --seed {wildcards.order_seed} --cache-dir resources/order/{wildcards.variant} --marker {output:q}"
         )

@@ -211,8 +211,11 @@ class Trainer:
         # raw: the index maps depend on GPT-NeoX's num_samples = ceil(train_iters·B·1.005) of the run
         # being reproduced; preshuffled: the stream is the order, use all of it.
         num_samples = neox_num_samples(r.train_iters, r.global_batch) if cfg.data_kind == "raw" else None
+        # The maps are read from the order cache the workflow built them in (never written from here:
+        # several ranks open the data at once); without one they are built in memory.
         return open_training_data(cfg.data, kind=cfg.data_kind, seq_length=r.seq_length, seed=cfg.order_seed,
-                                  num_samples=num_samples, shuffle_samples=cfg.shuffle_samples)
+                                  num_samples=num_samples, shuffle_samples=cfg.shuffle_samples,
+                                  cache_dir=cfg.order_cache, write_cache=False)
 
     def _open_start_params(self):
         from retrace.checkpoints import open_params
