@@ -267,6 +267,17 @@ class ApexAdamScalars:
                    eps=f32(eps), lr=f32(lr), weight_decay=f32(weight_decay))
 
 
+def _ieee_sqrt_(t: torch.Tensor) -> None:
+    """Correctly rounded float32 square root in place (what ``sqrtf`` means). PyTorch's vectorised CPU
+    ``sqrt`` is not correctly rounded (measured: ~16% of random float32 inputs off by one ulp on an
+    AVX-512 build); numpy's float32 ``sqrt`` is (the hardware instruction), and CUDA's ``sqrt`` is IEEE."""
+    if t.device.type == "cpu":
+        a = t.numpy()
+        np.sqrt(a, out=a)
+    else:
+        t.sqrt_()
+
+
 def apex_adam_(*, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
                inv_scale: float, s: ApexAdamScalars, workspace: torch.Tensor) -> None:
     """One apex FusedAdam (AdamW mode) update of ``master`` in place, chunk by chunk.
@@ -303,7 +314,7 @@ def apex_adam_(*, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch
         tmp.mul_(g)
         v.add_(tmp)
         torch.div(v, bc2, out=tmp)  # denom = sqrtf(r_v / beta2_correction) + epsilon
-        tmp.sqrt_()
+        _ieee_sqrt_(tmp)
         tmp.add_(s.eps)
         torch.div(m, bc1, out=g)  # update = (r_m / beta1_correction) / denom + decay * r_p
         g.div_(tmp)
