@@ -71,6 +71,7 @@ from retrace.model import lm_loss
 from retrace.pythia.recipes import Recipe, lr_at
 from retrace.train.optim import (
     DEFAULT_CHUNK_ELEMS,
+    NORM_PIECE_ELEMS,
     ApexAdamScalars,
     FlatGroup,
     apex_adam_,
@@ -79,6 +80,7 @@ from retrace.train.optim import (
     f32,
     flatten_groups,
     fp16_optimizer_grad_norm,
+    group_tensor_norms,
     has_inf_or_nan,
     zero1_grad_norm,
 )
@@ -152,9 +154,15 @@ class BuiltinEngine:
             decay_groups(model, recipe.weight_decay), self.dtype, self.device,
             shards=self.partition.world_size, rank=self.partition.rank)
         self._grad_views = [v for g in self.groups for _, v in g.views(g.grad)]
-        biggest = max((g.hi - g.lo for g in self.groups), default=0)
-        self.workspace = torch.empty(2 * max(1, min(int(chunk_elems), biggest)), dtype=torch.float32,
-                                     device=self.device)
+        self.chunk_elems = int(chunk_elems)
+        # One float32 workspace for the step: two Adam chunks of the largest shard, and the upcast of one
+        # norm piece (NORM_PIECE_ELEMS of the largest tensor, or flat group for stage 0; a constant, so
+        # the norms do not depend on chunk_elems or on the partition).
+        shard = max((g.hi - g.lo for g in self.groups), default=0)
+        tensor = max((g.numel for g in self.groups), default=0) if recipe.zero_stage == 0 else \
+            max((v.numel() for v in self._grad_views), default=0)
+        self.workspace = torch.empty(max(1, 2 * min(self.chunk_elems, shard), min(NORM_PIECE_ELEMS, tensor)),
+                                     dtype=torch.float32, device=self.device)
         self.scaler = make_scaler(recipe, precision)
         self.adam_steps = 0  # applied updates
         self.adam_t = 1  # apex FusedAdam's group['step'] after the ZeRO constructor's init step
@@ -195,7 +203,8 @@ class BuiltinEngine:
                 (stage 1; DeepSpeed raises there and the run stops).
         """
         self._reduce_gradients()
-        overflow = has_inf_or_nan(self._grad_views)
+        norms = group_tensor_norms(self.groups, piece=NORM_PIECE_ELEMS, workspace=self.workspace)
+        overflow = has_inf_or_nan(self._grad_views, norms=[n for group in norms for n in group])
         prev_scale = self.scaler.scale
         lr = lr_at(self.lr_iter, self.recipe)
         try:
@@ -206,8 +215,11 @@ class BuiltinEngine:
         if overflow:
             self._zero_grad()
             return StepResult(lr=lr, loss_scale=prev_scale, grad_norm=float("nan"), skipped=True)
-        scaled_norm = fp16_optimizer_grad_norm(self.groups) if self.recipe.zero_stage == 0 \
-            else zero1_grad_norm(self.groups)
+        if self.recipe.zero_stage == 0:
+            scaled_norm = fp16_optimizer_grad_norm(self.groups, piece=NORM_PIECE_ELEMS,
+                                                   workspace=self.workspace)
+        else:
+            scaled_norm = zero1_grad_norm(norms)
         scale = self.scaler.scale  # DeepSpeed unscales with the already-updated scale (see module doc)
         combined = clip_combined_scale(scaled_norm, scale, self.recipe.clip_grad)
         self.adam_t += 1

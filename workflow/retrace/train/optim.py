@@ -42,10 +42,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from retrace.memory import ADAM_CHUNK_ELEMS, NORM_PIECE_ELEMS
+
 _NORM_TYPES = (nn.LayerNorm,)
 
-#: Elements per chunk of the Adam update (the workspace holds two float32 chunks: 32 MiB).
-DEFAULT_CHUNK_ELEMS = 1 << 22
+#: Elements per chunk of the Adam update (the workspace holds two float32 chunks: 32 MiB), and per piece
+#: of a gradient tensor's norm (fixed: the clip norm must not depend on the chunking). Their home is the
+#: torch-free memory model, which counts the workspace.
+DEFAULT_CHUNK_ELEMS = ADAM_CHUNK_ELEMS
 
 
 def f32(x: float) -> float:
@@ -183,14 +187,71 @@ def flatten_groups(groups: list[dict], dtype: torch.dtype, device: torch.device,
 
 
 # -- overflow check and clip norm ----------------------------------------------------------------------
-def has_inf_or_nan(views: list[torch.Tensor]) -> bool:
+def _pieces(views: list[torch.Tensor], piece: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Each tensor flattened and cut into pieces of at most ``piece`` elements (so that a float32
+    reduction of an fp16 tensor never upcasts more than one piece at a time); and the piece count of each."""
+    out, counts = [], []
+    for v in views:
+        flat = v.reshape(-1)
+        parts = list(flat.split(piece)) if flat.numel() > piece else [flat]
+        out += parts
+        counts.append(len(parts))
+    return out, counts
+
+
+def has_inf_or_nan(views: list[torch.Tensor], *, norms: list[float] | None = None) -> bool:
     """DeepSpeed ``CheckOverflow.has_overflow_serial`` (runtime/utils.py ~114-176): a tensor overflowed
-    when the float32 sum of its elements is ±inf or NaN. Run on the (all-reduced) gradients whatever
-    their dtype (stage1.py ~690-701), so a bf16/fp32 inf/NaN step is skipped too."""
+    when the float32 sum of its elements, ``float(x.float().sum())``, is ±inf or NaN. Run on the
+    (all-reduced) gradients whatever their dtype (stage1.py ~690-701), so a bf16/fp32 inf/NaN step is
+    skipped too.
+
+    Without the float32 copy DeepSpeed makes: for fp16 a float32 sum (≤ 65504·n) or sum of squares
+    (≤ 65504²·n) of finite values cannot overflow, so "the sum is not finite" is "an element is not
+    finite" is "the float32 norm is not finite" — the per-tensor ``norms`` when given. fp32 tensors are
+    summed as they are (exactly DeepSpeed's sum); bf16 in their own dtype (float accumulation, the
+    verdict differing only for a finite sum within 0.4% of float32's maximum).
+    """
     if not views:
         return False
-    sums = torch.stack([torch.sum(v, dtype=torch.float32) for v in views])
+    if views[0].dtype == torch.float16:
+        if norms is None:
+            norms = tensor_norms(views)
+        return not all(math.isfinite(n) for n in norms)
+    sums = torch.stack([v.sum() for v in views])
     return not bool(torch.isfinite(sums).all())
+
+
+def tensor_norms(views: list[torch.Tensor], *, workspace: torch.Tensor | None = None,
+                 piece: int = NORM_PIECE_ELEMS) -> list[float]:
+    """Each tensor's float32 L2 norm, ``p.grad.data.float().norm(2)``, as a Python float.
+
+    A non-float32 tensor is upcast piece by piece into ``workspace`` (a float32 buffer of at least
+    ``min(piece, largest numel)`` elements) instead of into a fresh float32 copy: PyTorch's
+    ``norm(dtype=float32)`` on fp16 allocates one per call, and those blocks stay resident. A tensor
+    longer than ``piece`` is reduced piece by piece (the piece norms combined in double, rounded to
+    float32): another summation order, not another value beyond rounding. ``piece`` must not depend on
+    the partition (ZeRO-1 ranks and the replicated engine compute the same norms). One host
+    synchronisation for all the norms.
+    """
+    if not views:
+        return []
+    need = min(piece, max(v.numel() for v in views))
+    if workspace is None or workspace.numel() < need:
+        workspace = torch.empty(need, dtype=torch.float32, device=views[0].device)
+    parts, counts = _pieces(views, piece)
+    norms = []
+    for t in parts:
+        if t.dtype != torch.float32:
+            buf = workspace[: t.numel()]
+            buf.copy_(t)
+            t = buf
+        norms.append(torch.linalg.vector_norm(t, 2))
+    values = torch.stack(norms).tolist()
+    out, i = [], 0
+    for c in counts:
+        out.append(values[i] if c == 1 else f32(math.sqrt(sum(x * x for x in values[i : i + c]))))
+        i += c
+    return out
 
 
 def _deepspeed_get_grad_norm(norms: list[float]) -> float:
@@ -214,23 +275,26 @@ def _combine(norm_groups: list[float]) -> float:
     return math.sqrt(total)
 
 
-def zero1_grad_norm(groups: list[FlatGroup]) -> float:
-    """ZeRO stage 1's clip norm of the (scaled) gradients: per weight-decay group ``get_grad_norm`` over
-    that group's fp16 gradient tensors (each ``p.grad.float().norm(2)``), the groups combined as
-    stage1.py ~719-724 / ~785-797 does. Every rank computes it from the whole all-reduced gradient."""
-    norm_groups = []
-    for g in groups:
-        views = [v for _, v in g.views(g.grad)]
-        norms = torch.stack(torch._foreach_norm(views, 2, dtype=torch.float32)).tolist() if views else []
-        norm_groups.append(_deepspeed_get_grad_norm(norms))
-    return _combine(norm_groups)
+def group_tensor_norms(groups: list[FlatGroup], *, piece: int = NORM_PIECE_ELEMS,
+                       workspace: torch.Tensor | None = None) -> list[list[float]]:
+    """Per weight-decay group, each gradient tensor's float32 L2 norm (``tensor_norms``)."""
+    return [tensor_norms([v for _, v in g.views(g.grad)], piece=piece, workspace=workspace) for g in groups]
 
 
-def fp16_optimizer_grad_norm(groups: list[FlatGroup]) -> float:
+def zero1_grad_norm(norms: list[list[float]]) -> float:
+    """ZeRO stage 1's clip norm of the (scaled) gradients from ``group_tensor_norms``: per weight-decay
+    group ``get_grad_norm`` over that group's fp16 gradient tensors (each ``p.grad.float().norm(2)``),
+    the groups combined as stage1.py ~719-724 / ~785-797 does. Every rank computes it from the whole
+    all-reduced gradient, so every rank gets the same value."""
+    return _combine([_deepspeed_get_grad_norm(group) for group in norms])
+
+
+def fp16_optimizer_grad_norm(groups: list[FlatGroup], *, piece: int = NORM_PIECE_ELEMS,
+                             workspace: torch.Tensor | None = None) -> float:
     """ZeRO stage 0 (``FP16_Optimizer.step``, fused_optimizer.py ~296-306): one ``get_grad_norm`` over the
     fp32 copies of the flat groups — one tensor norm per whole group — combined as a single group."""
-    norms = [float(torch.linalg.vector_norm(g.grad[: g.numel], 2, dtype=torch.float32)) for g in groups if g.numel]
-    return _combine([_deepspeed_get_grad_norm(norms)])
+    return _combine([_deepspeed_get_grad_norm(tensor_norms([g.grad[: g.numel] for g in groups if g.numel],
+                                                           piece=piece, workspace=workspace))])
 
 
 def clip_combined_scale(total_norm: float, loss_scale: float, clip_grad: float) -> float:
