@@ -244,7 +244,8 @@ def config_from_hf(
     """A ``ModelConfig`` from a Hugging Face ``GPTNeoXForCausalLM`` ``config.json`` (a dict or a path).
 
     ``hidden_act: "gelu"`` means exact erf GELU, which is what transformers runs; Pythia was *trained*
-    with the tanh approximation, so pass ``gelu="tanh"`` to train. ``init`` defaults to the registry's
+    with the tanh approximation, so pass ``gelu="tanh"`` to train (which also selects GPT-NeoX's bias
+    arithmetic, ``arithmetic`` None → "neox"; see ModelConfig). ``init`` defaults to the registry's
     for a Pythia shape, else ``small_wang`` (HF configs do not record it). Both the old keys
     (``rotary_pct``, ``rotary_emb_base``) and ``rope_parameters`` (transformers 5) are read.
     """
