@@ -27,8 +27,12 @@ def test_deepspeed_zero1_two_ranks_matches_builtin(world):
     a = load_ckpt(world / "ds2" / "checkpoints" / "step6.safetensors")
     b = load_ckpt(world / "bi2" / "checkpoints" / "step6.safetensors")
     r = compare_params(a, b)
-    assert r.one_minus_cos < 1e-8  # the same arithmetic up to rounding (torch AdamW vs apex formula)
-    assert ds.final_loss == pytest.approx(bi.final_loss, rel=1e-5)
+    # Not the same arithmetic any more: the builtin engine takes DeeperSpeed's ZeRO-constructor Adam step
+    # (update k runs with t = k + 1; reference §7 item 1), modern DeepSpeed does not (t = k), so update 2
+    # here is ≈1.18× larger in DeepSpeed. That alone leaves 1 − cos ≈ 6e-6 after 6 steps;
+    # test_deepspeed_matches_builtin_without_the_init_step shows it is the only difference (< 1e-8).
+    assert r.one_minus_cos < 1e-4
+    assert ds.final_loss == pytest.approx(bi.final_loss, rel=1e-2)  # 0.3 %: the same init-step difference
     import json
 
     run = json.loads((world / "ds2" / "run.json").read_text())
@@ -49,3 +53,37 @@ def test_deepspeed_resume_is_bit_identical(world):
 def test_deepspeed_refuses_fp16_on_cpu_clearly(world):
     with pytest.raises(RetraceError, match="fp16 on CPU"):
         train(cfg(world, "dsfp16", 2, precision="fp16"))
+
+
+def test_deepspeed_matches_builtin_without_the_init_step():
+    """Engine level, one rank, fp32: the builtin engine with apex's counter started at 0 (modern DeepSpeed's
+    t = k) agrees with DeepSpeed to rounding (torch AdamW vs the apex expression); with DeeperSpeed's init
+    step (the builtin default, t = k + 1) it differs by far more."""
+    from retrace.model import GPTNeoX, init_weights
+    from retrace.pythia.recipes import recipe_for
+    from retrace.train.ds_engine import DeepSpeedEngine
+    from retrace.train.engine import BuiltinEngine
+    from test_train_helpers import tiny_config
+
+    r = recipe_for("70m", global_batch=8, seq_length=SEQ, train_iters=100, lr=2e-3)
+
+    def model():
+        m = GPTNeoX(tiny_config())
+        init_weights(m, 0)
+        return m
+
+    ds = DeepSpeedEngine(model(), r, "fp32", pdbs=4, gas=2, world_size=1, device=torch.device("cpu"))
+    modern, deeper = (BuiltinEngine(model(), r, "fp32", gas=2) for _ in range(2))
+    modern.adam_t = 0  # no constructor step: update k runs with t = k, as in DeepSpeed 0.15+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        for _k in range(2):
+            x = torch.randint(0, 128, (4, SEQ + 1), generator=g)
+            for eng in (ds, modern, deeper):
+                eng.forward_backward(x)
+        for eng in (ds, modern, deeper):
+            eng.step()
+    a = ds.export_params(torch.float32)
+    close = compare_params(a, modern.export_params(torch.float32)).one_minus_cos
+    far = compare_params(a, deeper.export_params(torch.float32)).one_minus_cos
+    assert close < 1e-8 < far

@@ -68,6 +68,12 @@ def test_adam_step_matches_torch_adamw_fp32():
     groups = decay_groups(model_b, r.weight_decay)
     opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
                             lr=0.0, betas=r.betas, eps=r.eps, foreach=False)
+    # DeeperSpeed's ZeRO constructor steps the optimizer once on zero gradients at LR 0 (stage1.py
+    # _initialize_optimizer_states): weights and moments unchanged, Adam's step counter at 1.
+    for p in model_b.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad()
     for step in range(6):
         for k in range(2):
             x = batch(10 * step + k)
@@ -131,11 +137,12 @@ def test_fp16_unscale_and_clip_follow_deepspeed():
     combined = scale * clip if clip > 1 else scale
     lr = lr_at(10, r)
     b1, b2 = r.betas
+    t = 2  # the first applied update runs with apex's counter at 2 (the ZeRO constructor's init step)
     for g, grad, m0 in zip(eng.groups, grads, masters, strict=True):
         g32 = grad.float() * (1.0 / combined)
         m = (1 - b1) * g32
         v = (1 - b2) * g32 * g32
-        upd = (m / (1 - b1)) / ((v / (1 - b2)).sqrt() + r.eps) + g.weight_decay * m0
+        upd = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + r.eps) + g.weight_decay * m0
         torch.testing.assert_close(g.master, m0 - lr * upd, rtol=1e-6, atol=1e-9)
         assert torch.equal(g.model, g.master.half())  # fp16 weights are the cast of the master
 

@@ -10,7 +10,7 @@ from retrace.errors import RetraceError
 from retrace.model import PYTHIA_SIZES
 from retrace.pythia.recipes import PYTHIA_RECIPES, lr_at, lr_v1, recipe_for
 from retrace.pythia.schedule import save_steps as pythia_save_steps
-from retrace.train.scaler import LossScaler
+from retrace.train.scaler import LossScaleAtMinimum, LossScaler
 
 
 def test_recipe_table_matches_the_published_configs():
@@ -114,8 +114,11 @@ def test_loss_scaler_pythia_settings_window_and_minimum():
     assert s.scale == 16384  # and again every 1000 steps
     m = LossScaler(scale=2, window=1000, delayed_shift=1, min_scale=1)
     m.update(True)
-    m.update(True)
-    assert m.scale == 1  # never below min_loss_scale
+    assert m.scale == 1  # halved down to min_loss_scale ...
+    before = m.state_dict()
+    with pytest.raises(LossScaleAtMinimum, match="minimum"):  # ... and DeepSpeed raises at the next overflow
+        m.update(True)
+    assert m.state_dict() == before
     st = LossScaler()
     st.load_state_dict(s.state_dict())
     assert st == s

@@ -30,6 +30,20 @@ under DeepSpeed, where ``module.half()`` also cast the ``inv_freq`` buffer: posi
 their products are in the half type (an fp16 angle near position 2000 is rounded to a whole radian),
 cos/sin of those rounded angles. In float32 both are identical. The tables are cached per
 (length, device, dtype) in a plain dict, never as buffers.
+
+Bias arithmetic (``ModelConfig.arithmetic_kind``, reference/pythia-neox.md §7 item 6): ``"neox"`` is what
+``retrace train`` builds (tanh GELU): ``attention.dense``, ``dense_h_to_4h`` and ``dense_4h_to_h`` run
+their GEMM without bias (rounded to the compute dtype) and add the bias afterwards in the compute dtype,
+the ``dense_h_to_4h`` bias going into NeoX's ``bias_gelu`` with its hand-written backward; QKV keeps its
+bias in the GEMM. ``"hf"`` (erf GELU, Hugging Face configs) puts every bias in the GEMM and runs
+``F.gelu``, as transformers does. Parameter names are the same in both.
+
+Not reproduced (inferred from the source, GPU only): the original ``bias_gelu``/``bias_gelu_back`` are
+``@torch.jit.script`` functions run by the legacy TorchScript fuser (activations.py sets
+``_jit_override_can_fuse_on_gpu(True)``), which as far as can be read computes the whole elementwise
+chain in float32 and rounds to fp16 once; here (PyTorch eager, on every device) each operation rounds to
+the compute dtype, as NeoX's unfused path would. Pythia ran ``bias_dropout_add`` unfused
+(``bias_dropout_fusion`` defaults to false), so the bias additions round per operation there too.
 """
 
 from __future__ import annotations
@@ -159,6 +173,7 @@ class Attention(nn.Module):
         self.heads, self.head_dim, self.rotary_dims = cfg.heads, cfg.head_dim, cfg.rotary_dims
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.backend = cfg.attention
+        self.neox = cfg.arithmetic_kind == "neox"
         self.query_key_value = nn.Linear(cfg.hidden, 3 * cfg.hidden, device=device, dtype=dtype)
         self.dense = nn.Linear(cfg.hidden, cfg.hidden, device=device, dtype=dtype)
 
@@ -179,19 +194,64 @@ class Attention(nn.Module):
             y = _flash_attention(q, k, v, self.scale)
         else:
             y = _global_attention(q, k, v, self.scale)
-        return self.dense(y.transpose(1, 2).reshape(B, T, H * D))
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return linear_then_bias(y, self.dense) if self.neox else self.dense(y)
+
+
+# -- GPT-NeoX v1.0's bias arithmetic (ModelConfig.arithmetic == "neox") -----------------------------
+# megatron/model/activations.py ~62-96 (gpt-neox 71df4d50): the constants and the order of operations are
+# NeoX's; every op rounds to the tensor's dtype (PyTorch eager; see the module docstring for the fused
+# TorchScript kernels the original ran on GPU).
+def neox_bias_gelu(bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """NeoX ``bias_gelu``: ``x = bias + y; x·0.5·(1 + tanh(0.79788456·x·(1 + 0.044715·x·x)))``."""
+    x = bias + y
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def neox_bias_gelu_back(g: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """NeoX ``bias_gelu_back``: the hand-written derivative of ``bias_gelu`` times ``g``
+    (0.1070322243 = √(2/π)·3·0.044715)."""
+    x = bias + y
+    tanh_out = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+    ff = 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)
+    return ff * g
+
+
+class NeoXBiasGeLU(torch.autograd.Function):
+    """NeoX ``GeLUFunction`` (activations.py ~85-96): saves the GEMM output and the bias, and returns
+    ``bias_gelu_back`` for both; autograd sums the bias's copy over the broadcast (token) dims."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        ctx.save_for_backward(y, bias)
+        return neox_bias_gelu(bias, y)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # noqa: D102
+        y, bias = ctx.saved_tensors
+        tmp = neox_bias_gelu_back(grad_output, bias, y)
+        return tmp, tmp
+
+
+def linear_then_bias(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``skip_bias_add=True`` (megatron/mpu/layers.py ~458-466, ~589-601): the GEMM without bias, rounded
+    to the compute dtype, then ``+ bias`` in the compute dtype (fused_bias_dropout.py ~31-33, dropout 0)."""
+    return F.linear(x, layer.weight) + layer.bias
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         self.approximate = "tanh" if cfg.gelu == "tanh" else "none"
+        self.neox = cfg.arithmetic_kind == "neox"
         self.dense_h_to_4h = nn.Linear(cfg.hidden, cfg.intermediate, device=device, dtype=dtype)
         self.dense_4h_to_h = nn.Linear(cfg.intermediate, cfg.hidden, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # tanh: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), NeoX's fused bias_gelu (its constant
-        # 0.79788456 is √(2/π) to fp32 precision); erf: x·Φ(x).
+        if self.neox:  # transformer.py ~116-134 with bias_gelu_fusion: h→4h GEMM, bias_gelu, 4h→h GEMM + bias
+            h = NeoXBiasGeLU.apply(F.linear(x, self.dense_h_to_4h.weight), self.dense_h_to_4h.bias)
+            return linear_then_bias(h, self.dense_4h_to_h)
+        # tanh: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (PyTorch's tanh GELU); erf: x·Φ(x).
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate))
 
 
@@ -203,10 +263,16 @@ class Layer(nn.Module):
         self.attention = Attention(cfg, device=device, dtype=dtype)
         self.mlp = MLP(cfg, device=device, dtype=dtype)
 
+    #: GPT-NeoX's registration order (transformer.py ParallelTransformerLayer: attention before
+    #: post_attention_layernorm). The optimizer groups walk the layer in this order, which fixes the
+    #: order of the clip-norm sums; the state dict keeps Hugging Face's order.
+    neox_module_order = ("input_layernorm", "attention", "post_attention_layernorm", "mlp")
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         attn = self.attention(self.input_layernorm(x), cos, sin)
         mlp = self.mlp(self.post_attention_layernorm(x))
-        return x + (attn + mlp)  # NeoX v1.0 order: residual + (attn_out + mlp_out)
+        # NeoX v1.0 order (transformer.py ~655-702): residual + (attn_out + mlp_out), biases already added
+        return x + (attn + mlp)
 
 
 class GPTNeoXModel(nn.Module):

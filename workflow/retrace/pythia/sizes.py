@@ -23,6 +23,7 @@ GELU_KINDS = ("tanh", "erf")
 ATTENTION_KINDS = ("flash", "global")
 INIT_KINDS = ("small_wang", "normal_scaled")
 ROTARY_ANGLE_KINDS = ("fp32", "neox")
+ARITHMETIC_KINDS = ("neox", "hf")
 
 #: ``init_method_std`` of GPT-NeoX v1.0 (the ``normal``/``scaled_normal`` branch).
 INIT_METHOD_STD = 0.02
@@ -42,6 +43,16 @@ class ModelConfig:
     bf16: ``"fp32"`` (default; angles and cos/sin in float32, then rounded, as Hugging Face does) or
     ``"neox"`` (GPT-NeoX v1.0 under DeepSpeed: ``inv_freq`` and the positions are in the half type, so
     the angles are rounded to it before cos/sin). Both are identical in float32.
+
+    ``arithmetic`` says where the linear layers' biases are added and which GELU code runs:
+    ``"neox"`` (GPT-NeoX v1.0 as Pythia trained: ``attention.dense``, ``dense_h_to_4h`` and
+    ``dense_4h_to_h`` are GEMMs without bias, rounded to the compute dtype, then ``+ bias`` in the
+    compute dtype; the ``dense_h_to_4h`` bias inside NeoX's tanh ``bias_gelu`` with its hand-written
+    backward; QKV keeps its bias in the GEMM) or ``"hf"`` (every bias inside the GEMM and
+    ``F.gelu``, as transformers runs the network). ``None`` (default) means ``"neox"`` with the tanh
+    GELU and ``"hf"`` with erf, so the training config (``gelu="tanh"``) gets NeoX's arithmetic and a
+    Hugging Face config (``hidden_act: gelu``) gets transformers'. ``"neox"`` needs ``gelu="tanh"``.
+    Use ``arithmetic_kind`` for the resolved value.
     """
 
     n_layers: int
@@ -56,6 +67,7 @@ class ModelConfig:
     attention: str = "flash"
     init: str = "small_wang"
     rotary_angles: str = "fp32"
+    arithmetic: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("n_layers", "hidden", "heads", "vocab", "seq_len"):
@@ -91,6 +103,20 @@ class ModelConfig:
                 raise RetraceError(
                     f"model config: {key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}"
                 )
+        if self.arithmetic is not None and self.arithmetic not in ARITHMETIC_KINDS:
+            raise RetraceError(
+                f"model config: arithmetic must be one of {', '.join(ARITHMETIC_KINDS)} or None; "
+                f"got {self.arithmetic!r}"
+            )
+        if self.arithmetic == "neox" and self.gelu != "tanh":
+            raise RetraceError("model config: arithmetic 'neox' runs NeoX's tanh bias_gelu; it needs gelu='tanh'")
+
+    @property
+    def arithmetic_kind(self) -> str:
+        """The resolved ``arithmetic``: "neox" or "hf" (see the class docstring)."""
+        if self.arithmetic is not None:
+            return self.arithmetic
+        return "neox" if self.gelu == "tanh" else "hf"
 
     # -- derived shapes ------------------------------------------------------------------------------
     @property
@@ -213,11 +239,13 @@ def config_from_hf(
     attention: str = "flash",
     init: str | None = None,
     rotary_angles: str = "fp32",
+    arithmetic: str | None = None,
 ) -> ModelConfig:
     """A ``ModelConfig`` from a Hugging Face ``GPTNeoXForCausalLM`` ``config.json`` (a dict or a path).
 
     ``hidden_act: "gelu"`` means exact erf GELU, which is what transformers runs; Pythia was *trained*
-    with the tanh approximation, so pass ``gelu="tanh"`` to train. ``init`` defaults to the registry's
+    with the tanh approximation, so pass ``gelu="tanh"`` to train (which also selects GPT-NeoX's bias
+    arithmetic, ``arithmetic`` None → "neox"; see ModelConfig). ``init`` defaults to the registry's
     for a Pythia shape, else ``small_wang`` (HF configs do not record it). Both the old keys
     (``rotary_pct``, ``rotary_emb_base``) and ``rope_parameters`` (transformers 5) are read.
     """
@@ -291,6 +319,7 @@ def config_from_hf(
             attention=attention,
             init=init if init is not None else _registry_init(n_layers, hidden, heads, vocab),
             rotary_angles=rotary_angles,
+            arithmetic=arithmetic,
         )
     except RetraceError as exc:
         raise RetraceError(f"{source}: {exc}") from exc
