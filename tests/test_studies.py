@@ -118,7 +118,7 @@ def test_blog_study_resources_and_commands():
     assert two["shell"].startswith("(srun --nodes=2 --ntasks-per-node=8 --cpus-per-task=4 --kill-on-bad-exit=1 ")
     spec = spec_of(two["shell"])
     want = {"reference": "EleutherAI/pythia-2.8b-deduped", "start_step": 0, "gpus": 16, "pdbs": 8, "gas": 8,
-            "engine": "deepspeed", "checkpoint_activations": True, "precision": "fp16", "steps": 1000,
+            "engine": "builtin", "checkpoint_activations": True, "precision": "fp16", "steps": 1000,
             "data": "resources/data/pile/deduped-preshuffled/document", "data_kind": "preshuffled"}
     assert {k: spec[k] for k in want} == want
     # 8×A40, pdbs 4, gas 32: one node, --gpus=a40:8, retrace train starts the 8 ranks itself

@@ -36,10 +36,16 @@ def read_items(out: Path) -> dict[tuple[int, int, int], list[int]]:
 
 
 def masters(out: Path, step: int) -> torch.Tensor:
+    """The whole fp32 master at ``step``: the replicated state, or the ranks' ZeRO-1 shards put together
+    (each group padded to dp equal shards, rank order; retrace.train.zero1)."""
     from safetensors.torch import load_file
 
-    t = load_file(str(out / "state" / f"step{step}" / "tensors.safetensors"))
-    return torch.cat([t["group0.master"], t["group1.master"]]).double()
+    d = out / "state" / f"step{step}"
+    files = sorted(d.glob("rank*.safetensors"), key=lambda p: int(p.stem[4:])) or [d / "tensors.safetensors"]
+    shards = [load_file(str(f)) for f in files]
+    groups = json.loads((d / "state.json").read_text())["engine"]["groups"]
+    return torch.cat([torch.cat([t[f"group{i}.master"] for t in shards])[: g["numel"]]
+                      for i, g in enumerate(groups)]).double()
 
 
 def test_three_layouts_same_samples_close_weights(world):

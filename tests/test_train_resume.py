@@ -211,7 +211,19 @@ def test_resume_from_neox_checkpoint_with_zero_state_continues_exactly(world):
     ma, mb = masters(full, 16), masters(cont, 16)
     assert all(torch.equal(ma[k], mb[k]) for k in ("group0.master", "group1.master", "group0.exp_avg_sq"))
     run = json.loads((cont / "run.json").read_text())
-    assert run["optimizer_state_from"]["adam_steps"] == 8
+    src = run["optimizer_state_from"]
+    assert src["adam_steps"] == 8 and src["adam_resume"] == "continue" and src["adam_t"] == 8 + 1
+    assert run["arguments"]["adam_resume"] == "continue"
+
+    # "As GPT-NeoX resumes" (reference §7 item 2): DeeperSpeed's elastic checkpoint restores the moments
+    # but not apex's counter, which stays at the constructor's init step: t = 1, so the first update after
+    # the restart uses t = 2, larger than the original's t = 10; the run is recorded as such.
+    restarted = world / "neox_restarted"
+    train(TrainConfig(reference=str(neox), start_step=8, out=str(restarted), steps=16, adam_resume="neox", **common))
+    run = json.loads((restarted / "run.json").read_text())
+    assert run["optimizer_state_from"]["adam_resume"] == "neox" and run["optimizer_state_from"]["adam_t"] == 1
+    r = load_ckpt(restarted / "checkpoints" / "step16.safetensors")
+    assert not all(torch.equal(a[k], r[k]) for k in a)
 
     # Control: the same weights without the optimizer state (HF layout: fresh Adam) do not continue exactly.
     hf8 = world / "hf8"

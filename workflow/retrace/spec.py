@@ -38,6 +38,10 @@ from retrace.pythia.sizes import ATTENTION_KINDS, GELU_KINDS, ROTARY_ANGLE_KINDS
 TRAIN_ENGINES = ("builtin", "deepspeed")
 ENGINES = (*TRAIN_ENGINES, "neox")
 DEVICES = ("auto", "cpu", "cuda")
+#: Apex's Adam step counter after resuming from a GPT-NeoX checkpoint with ZeRO state (reference §7 item 2):
+#: continue = as if the original run never restarted (t = applied updates + 1); neox = as GPT-NeoX +
+#: DeeperSpeed's elastic checkpoint resumes (t restarts at 1, only the moments are restored).
+ADAM_RESUME_MODES = ("continue", "neox")
 LAUNCHERS = ("local", "slurm")
 NEOX_RUNTIMES = ("apptainer", "singularity", "docker")
 
@@ -80,6 +84,12 @@ class TrainConfig:
                              "is the order", default="preshuffled", choices=DATA_FORMATS)
     shuffle_samples: bool = setting("permute preshuffled items with --order-seed", default=False)
     order_seed: int = setting("seed of the data order (GPT-NeoX: 1234)", default=SEED)
+    adam_resume: str = setting(
+        "Adam's step counter after resuming a GPT-NeoX checkpoint with ZeRO state: continue = as if the "
+        "original never restarted (default: where the published runs restarted is not published, and a "
+        "restart more than a few hundred updates back is indistinguishable from none); neox = as GPT-NeoX "
+        "itself resumes (DeeperSpeed's elastic checkpoint restarts the counter)", default="continue",
+        choices=ADAM_RESUME_MODES)
     order_cache: str | None = setting("directory of the cached index maps (GPT-NeoX's file names; `retrace "
                                       "order` builds them); default: built in memory", default=None,
                                       metavar="DIR", resume=False)

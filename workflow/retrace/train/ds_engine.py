@@ -168,7 +168,8 @@ class DeepSpeedEngine:
             self.ds.step()  # not a boundary: only counts the micro-step
         return loss.detach()
 
-    def step(self) -> StepResult:
+    def step(self, *, step: int | None = None) -> StepResult:
+        """One optimizer step (``step``: the step it produces, for messages; DeepSpeed raises its own)."""
         if self._micro != self.gas:
             raise RuntimeError(f"step() after {self._micro} micro-batches, expected {self.gas}")
         self._micro = 0

@@ -69,6 +69,7 @@ from torch import nn
 from retrace.errors import RetraceError
 from retrace.model import lm_loss
 from retrace.pythia.recipes import Recipe, lr_at
+from retrace.spec import ADAM_RESUME_MODES
 from retrace.train.optim import (
     DEFAULT_CHUNK_ELEMS,
     NORM_PIECE_ELEMS,
@@ -88,7 +89,7 @@ from retrace.train.scaler import LossScaleAtMinimum, LossScaler
 from retrace.train.zero1 import Partition, all_gather_weights, shard_bytes
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-ADAM_T_MODES = ("continue", "neox")
+ADAM_T_MODES = ADAM_RESUME_MODES
 
 
 @dataclass
@@ -306,10 +307,12 @@ class BuiltinEngine:
         groups = meta["groups"]
         if [gm["names"] for gm in groups] != [g.names for g in self.groups]:
             raise ValueError("the saved parameter groups do not match this model")
-        part = meta.get("partition", {"world_size": 1, "rank": 0})
-        if part != self.partition.to_meta():
-            raise ValueError(f"the saved optimizer state is shard {part} but this engine holds "
-                             f"{self.partition.to_meta()}")
+        # The JSON is shared by the ranks (written by rank 0); which shard a file holds is its name
+        # (rank{r}.safetensors, retrace.train.trainer), so only the layout is compared here.
+        saved_world = meta.get("partition", {"world_size": 1})["world_size"]
+        if saved_world != self.partition.world_size:
+            raise ValueError(f"the saved optimizer state is partitioned over {saved_world} rank(s) but this "
+                             f"engine runs on {self.partition.world_size}")
         for i, g in enumerate(self.groups):
             g.master.copy_(tensors[f"group{i}.master"])
             g.exp_avg.copy_(tensors[f"group{i}.exp_avg"])

@@ -76,18 +76,28 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def read_state(d: Path, rank_file: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and verify one state. Raises on anything missing, unparsable or with a wrong hash."""
+def verify_state(d: Path, rank_file: str | None = None) -> dict:
+    """Check one state without loading it: its JSON parses and its tensor files (only ``rank_file``, if
+    given) have their recorded sha256. Returns the JSON; raises on anything missing or wrong."""
     meta = json.loads((d / STATE_JSON).read_text(encoding="utf-8"))
-    tensors: dict[str, torch.Tensor] = {}
-    for name, sha in meta["files"].items():
-        if rank_file is not None and name != rank_file:
-            continue
+    names = [n for n in meta["files"] if rank_file is None or n == rank_file]
+    if rank_file is not None and rank_file not in meta["files"]:
+        raise ValueError(f"{d}: holds no {rank_file}")
+    for name in names:
         f = d / name
-        got = sha256_file(f)
+        got, sha = sha256_file(f), meta["files"][name]
         if got != sha:
             raise ValueError(f"{f}: sha256 {got[:12]}… does not match the recorded {sha[:12]}…")
-        tensors.update(load_file(str(f)))
+    return meta
+
+
+def read_state(d: Path, rank_file: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify one state. Raises on anything missing, unparsable or with a wrong hash."""
+    meta = verify_state(d, rank_file)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in meta["files"]:
+        if rank_file is None or name == rank_file:
+            tensors.update(load_file(str(d / name)))
     return meta, tensors
 
 

@@ -120,8 +120,8 @@ class Trainer:
         try:
             self.prepare()
             self.device = self._device()
-            resume = self._find_resume()
             self._init_process_group()
+            resume = self._find_resume()
             try:
                 return self._train(resume)
             finally:
@@ -278,16 +278,26 @@ class Trainer:
                                    zero_stage=self.recipe.zero_stage)
         from retrace.train.engine import BuiltinEngine
 
+        # ZeRO stage ≥ 1 (every Pythia size but 14m/31m): each rank keeps its shard of the fp32 master and
+        # the moments, as DeeperSpeed did; the values are bitwise those of the replicated engine.
         return BuiltinEngine(model, self.recipe, self.recipe.precision, gas=self.gas, device=self.device,
                              world_size=self.env.world_size, lr_iter=self.cfg.start_step,
-                             simulated_ranks=self.cfg.gpus if self.cfg.simulate_ranks else 1)
+                             simulated_ranks=self.cfg.gpus if self.cfg.simulate_ranks else 1,
+                             zero1=self.sharded and self.cfg.engine == "builtin", rank=self.env.rank)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether every rank holds its own part of the optimizer state (DeepSpeed, builtin ZeRO-1)."""
+        if self.cfg.engine == "deepspeed":
+            return True
+        return self.recipe.zero_stage >= 1 and self.env.world_size > 1 and not self.cfg.simulate_ranks
 
     # ---- resume ----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
         return self.cfg.fingerprint(self.recipe)
 
     def _rank_file(self) -> str:
-        return f"rank{self.env.rank}.safetensors" if self.cfg.engine == "deepspeed" else "tensors.safetensors"
+        return f"rank{self.env.rank}.safetensors" if self.sharded else "tensors.safetensors"
 
     def _find_resume(self):
         fp = self.fingerprint()
@@ -300,21 +310,34 @@ class Trainer:
             if meta["step"] > self.cfg.steps:
                 raise RetraceError(f"{self.rundir.state} is already at step {meta['step']} > --steps {self.cfg.steps}")
 
+        # Each rank checks its own file of every complete state; the ranks then resume from the newest
+        # step that every one of them can read (a rank whose newest file is damaged pulls all back).
         root = self.rundir.state
+        readable = []
         for step in reversed(st.complete_steps(root)):
             d = st.state_dir(root, step)
             try:
-                meta, tensors = st.read_state(d, self._rank_file())
+                meta = st.verify_state(d, self._rank_file())
             except Exception as exc:  # noqa: BLE001
-                warnings.warn(f"resume state {d} is unusable ({exc}); falling back to an older one",
-                              RuntimeWarning, stacklevel=2)
-                if self.env.is_main:
-                    print(f"retrace train: warning: resume state {d} is unusable ({exc}); trying an older one",
-                          file=sys.stderr)
+                warnings.warn(f"resume state {d} is unusable on rank {self.env.rank} ({exc}); falling back to "
+                              "an older one", RuntimeWarning, stacklevel=2)
+                print(f"retrace train: warning: resume state {d} is unusable on rank {self.env.rank} ({exc}); "
+                      "trying an older one", file=sys.stderr)
                 continue
             check(meta)  # a state of another run is an error, not damage
-            return meta, tensors
-        return None
+            readable.append(step)
+        if self.env.world_size > 1:
+            every: list[Any] = [None] * self.env.world_size
+            torch.distributed.all_gather_object(every, readable)
+            common = set.intersection(*(set(r) for r in every))
+            if self.env.is_main and common != set(readable):
+                print(f"retrace train: ranks agree on resuming from step {max(common, default=None)} "
+                      f"(readable per rank: {every})", file=sys.stderr)
+        else:
+            common = set(readable)
+        if not common:
+            return None
+        return st.read_state(st.state_dir(root, max(common)), self._rank_file())
 
     # ---- the loop --------------------------------------------------------------------------------------
     def _train(self, resume) -> TrainResult:
@@ -369,7 +392,7 @@ class Trainer:
                     loss_sum += engine.forward_backward(sample).double().cpu()
                 if cfg.simulate_ranks:
                     engine.end_rank()
-            res = engine.step()
+            res = engine.step(step=step + 1)
             if delay:
                 time.sleep(delay)
             loss, stop = self._reduce_loss_and_stop(loss_sum)
@@ -455,11 +478,11 @@ class Trainer:
         # writing one file name would race on the rename and on its recorded sha256); deepspeed: a
         # partition per rank, each in its own file.
         files: dict[str, str] = {}
-        if self.cfg.engine == "deepspeed" or self.env.is_main:
+        if self.sharded or self.env.is_main:
             tensors = dict(engine.state_tensors())
             tensors.update(rng_t)
             files[self._rank_file()] = st.save_tensors(d / self._rank_file(), tensors)
-        if self.env.world_size > 1 and self.cfg.engine == "deepspeed":
+        if self.env.world_size > 1 and self.sharded:
             gathered: list[Any] = [None] * self.env.world_size
             torch.distributed.all_gather_object(gathered, files)
             files = {k: v for g in gathered for k, v in g.items()}
@@ -580,9 +603,11 @@ class Trainer:
             return
         engine.load_optimizer_state(master=opt.master, exp_avg=opt.exp_avg, exp_avg_sq=opt.exp_avg_sq,
                                     adam_steps=opt.step, lr_iter=opt.lr_iter,
-                                    loss_scaler=opt.loss_scaler if self.recipe.precision == "fp16" else None)
+                                    loss_scaler=opt.loss_scaler if self.recipe.precision == "fp16" else None,
+                                    adam_t_mode=self.cfg.adam_resume)
         self.optimizer_source = {"path": opt.source, "adam_steps": opt.step, "lr_iter": opt.lr_iter,
-                                 "iteration": opt.iteration, "loss_scaler": opt.loss_scaler}
+                                 "iteration": opt.iteration, "loss_scaler": opt.loss_scaler,
+                                 "adam_resume": self.cfg.adam_resume, "adam_t": engine.adam_t}
 
 
 def _hms(s: float) -> str:
