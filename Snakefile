@@ -36,6 +36,11 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/audit.smk"
 
 
+onstart:
+    # what the study will cost (retrace.plan): downloads, disk, per-GPU memory, GPU-hours
+    print(plan.render(plan.study_plan(STUDY), max_cells=20), file=sys.stderr)
+
+
 rule all:
     default_target: True
     input:

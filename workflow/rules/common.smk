@@ -12,7 +12,7 @@ sys.path.insert(
     0, str(Path(workflow.basedir) / "workflow")
 )  # this checkout's package, first
 
-from retrace import jobs, launch
+from retrace import jobs, launch, plan
 from retrace import paths as layout
 from retrace import rundir
 from retrace.audit.plan import audit_options as _audit_options
