@@ -20,7 +20,7 @@ what this module reproduces:
 * **A document whose encoding is empty** makes v1.0 fail (``doc_ids`` is empty, so ``doc_ids[-1]`` raises
   IndexError, l.56-59): no corpus v1.0 produced contains one. We stop with an error naming file and line.
 * **One item per document** (``main`` l.219-224: one ``add_item`` of ids + EOD, then ``end_document``), so
-  ``doc_idx = [0, 1, ..., N]`` (``megatron/data/indexed_dataset.py`` ``MMapIndexedDatasetBuilder``, l.562-596).
+  ``doc_idx = [0, 1, ..., N]`` (``megatron/data/indexed_dataset.py`` ``MMapIndexedDatasetBuilder``, l.562-597).
 * **dtype**: ``make_builder(..., vocab_size=tokenizer.vocab_size)`` (``indexed_dataset.py`` l.28-33, 53-57)
   with ``vocab_size = Tokenizer.get_vocab_size()`` (added tokens included): uint16 when < 65500, else int32.
 * **Output name**: v1.0 writes ``{output_prefix}_text_document.{bin,idx}``; here ``output`` is the whole
