@@ -3,7 +3,7 @@
 EleutherAI's ``pile-{standard,deduped}-pythia-preshuffled`` repos hold Pythia's training items in
 training order, one ``seq_length + 1``-token item per sample (reference/pythia-neox.md §4). If they were
 made from a raw corpus the way GPT-NeoX v1.0 reads it, then item ``j`` of the stream is
-``GPT2Dataset[j]`` over that corpus (v1.0 ``megatron/data/gpt2_dataset.py`` ``__getitem__``):
+``GPT2Dataset[j]`` over that corpus (v1.0 ``megatron/data/gpt2_dataset.py`` ``__getitem__``, l.73-105):
 
 * ``s = shuffle_idx[j]``; ``(d0, o0) = sample_idx[s]``, ``(d1, o1) = sample_idx[s + 1]``;
 * the tokens of documents ``doc_idx[d0] .. doc_idx[d1]`` from offset ``o0`` of the first through offset
@@ -184,7 +184,7 @@ def check_order(*, raw: str | os.PathLike, preshuffled: str | os.PathLike, seq_l
         if len(rds) == 0 or tokens < 2:
             raise RetraceError(f"{raw_prefix}: no documents/tokens")
         (doc_idx, sample_idx, shuffle_idx), maps = _maps(rds, seq_length, seed, num_samples, maps_dir, log)
-        n_raw = min(shuffle_idx.shape[0], sample_idx.shape[0] - 1) - 1  # v1.0 __len__
+        n_raw = min(shuffle_idx.shape[0] - 1, sample_idx.shape[0] - 1)  # v1.0 gpt2_dataset.py l.62-63, 70-71
         if start + items > n_raw:
             raise RetraceError(f"{raw_prefix}: the index maps hold {n_raw} items for num_samples={num_samples}; "
                                f"items [{start}, {start + items}) asked")
