@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_ITEMS = 10_240  # = retrace.data.preshuffle_check.DEFAULT_ITEMS (not imported: keep --help fast)
+from retrace.data.preshuffle_check import DEFAULT_ITEMS
+from retrace.pythia.constants import SEED, SEQ_LENGTH
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--raw", required=True, metavar="PREFIX", help="the tokenized corpus (.bin/.idx prefix)")
     p.add_argument("--preshuffled", required=True, metavar="PREFIX", help="the preshuffled stream's prefix")
-    p.add_argument("--seq-length", type=int, default=2048, help="default: 2048")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the index maps (default: 1234)")
+    p.add_argument("--seq-length", type=int, default=SEQ_LENGTH, help=f"default: {SEQ_LENGTH}")
+    p.add_argument("--seed", type=int, default=SEED, help=f"seed of the index maps (default: {SEED})")
     p.add_argument("--num-samples", type=int, default=None,
                    help="GPT-NeoX's train num_samples of the maps (default: Pythia's 147164160)")
     p.add_argument("--items", type=int, default=DEFAULT_ITEMS, help=f"items compared (default: {DEFAULT_ITEMS})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_SHARD_BYTES = 16 << 20  # = retrace.data.tokenize.DEFAULT_SHARD_BYTES (not imported: keep --help fast)
+from retrace.data.tokenize import DEFAULT_SHARD_BYTES, TEXT_KEY
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default: 1)")
     p.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES,
                    help=f"uncompressed input bytes per shard (default: {DEFAULT_SHARD_BYTES})")
-    p.add_argument("--key", default="text", help="the JSON key holding the text (default: text)")
+    p.add_argument("--key", default=TEXT_KEY, help=f"the JSON key holding the text (default: {TEXT_KEY})")
     p.add_argument("--progress-seconds", type=float, default=30.0,
                    help="seconds between progress lines on stderr (default: 30)")
     p.add_argument("--summary", default=None, metavar="JSON",
