@@ -15,8 +15,6 @@ sys.path.insert(
 from retrace import jobs, launch, plan
 from retrace import paths as layout
 from retrace import rundir
-from retrace.audit.plan import audit_options as _audit_options
-from retrace.audit.plan import audit_repos
 from retrace.grid import CELL_ID_PATTERN, TOKEN, load_study
 from retrace.placement import place
 from retrace.pythia.schedule import save_steps
@@ -365,8 +363,8 @@ def audit_published(wildcards):
 
 
 def audit_repos_arg(wildcards):
-    return shlex.join(audit_repos(STUDY))
+    return shlex.join(jobs.audit_repos(STUDY))
 
 
 def audit_options(wildcards):
-    return shlex.join(_audit_options(STUDY))
+    return shlex.join(jobs.audit_options(STUDY))
