@@ -146,11 +146,8 @@ class Model:
 
     def recipe_values(self):
         """The training recipe with this model's overrides (``retrace.spec.resolve_recipe``, the one place
-        the trainer resolves it too)."""
-        from retrace.spec import resolve_recipe
-
-        return resolve_recipe({**self.train_settings, "recipe": self.recipe, "global_batch": self.global_batch},
-                              reference=self.reference)
+        the trainer resolves it too); worked out once per model."""
+        return _model_recipe(self)
 
     def order_key(self) -> tuple[int, int]:
         """(num_samples, seq_length) the data order is built for: GPT-NeoX's sample count of the original
@@ -295,6 +292,14 @@ class Study:
     def used_models(self) -> list[Model]:
         """The models some cell trains, in axis order."""
         return list(self._used_models)
+
+
+@functools.cache
+def _model_recipe(model: Model):
+    from retrace.spec import resolve_recipe
+
+    return resolve_recipe({**model.train_settings, "recipe": model.recipe, "global_batch": model.global_batch},
+                          reference=model.reference)
 
 
 def cells_frame(study: Study | str | Path | Mapping):

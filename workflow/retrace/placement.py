@@ -83,3 +83,16 @@ def place(*, gpus: int, gpu_type: str, cluster: dict[str, Any]) -> Placement:
     return Placement(nodes=nodes, ranks_per_node=ranks, threads=ranks * tpr, constraint=constraint,
                      tasks_per_node=ranks, mpi="srun", cpus_per_task=tpr,
                      slurm_extra=shlex.quote(f"--gpus-per-node={gres}"))
+
+
+#: The train rule's Snakemake resources a placement may set (besides threads).
+RESOURCES = ("gpu", "gpu_model", "constraint", "nodes", "tasks_per_node", "mpi", "cpus_per_task", "slurm_extra")
+
+
+def resources_used(placements: list[Placement]) -> list[str]:
+    """The ``RESOURCES`` some placement sets: the train rule declares only these, so a CPU study's jobs
+    carry no resource functions at all (Snakemake inspects each one per job: at 5,000 cells that is
+    seconds of DAG time)."""
+    if any(p.mpi for p in placements):
+        return list(RESOURCES)  # cpus_per_task falls back to the job's threads where it is None
+    return [name for name in RESOURCES if any(getattr(p, name) is not None for p in placements)]

@@ -16,7 +16,7 @@ from retrace import jobs, launch, plan
 from retrace import paths as layout
 from retrace import rundir
 from retrace.grid import CELL_ID_PATTERN, TOKEN, load_study
-from retrace.placement import place
+from retrace.placement import place, resources_used
 from retrace.pythia.schedule import save_steps
 
 STUDY = load_study(config, root=workflow.basedir)
@@ -270,14 +270,20 @@ def train_inputs(wildcards):
     }
 
 
-def train_spec(wildcards):
-    """The cell's training settings (retrace.spec) as one JSON param: a changed setting reruns the cell."""
-    return launch.train_spec(STUDY, cell_of(wildcards)).to_json()
-
-
-def train_command(wildcards):
-    """`train`, or `neox-run` for an engine-neox cell."""
-    return launch.train_command(cell_of(wildcards))
+def train_job(wildcards):
+    """The cell's train command in one param (one function per job keeps a 5,000-cell DAG fast): its
+    settings (retrace.spec, as JSON: a changed setting reruns the cell), the retrace subcommand (`train`,
+    or `neox-run` for engine neox), what starts the ranks (srun across nodes; nothing for GPT-NeoX, which
+    starts its own) and the hub settings of a local reference."""
+    cell = cell_of(wildcards)
+    command = launch.train_command(cell)
+    launcher = "" if command == "neox-run" else placement(wildcards).launcher
+    return {
+        "spec": launch.train_spec(STUDY, cell).to_json(),
+        "command": command,
+        "launcher": launcher,
+        "env": hub_env(cell.model),
+    }
 
 
 def placement(wildcards):
@@ -286,11 +292,17 @@ def placement(wildcards):
     return place(gpus=cell.parallel.gpus, gpu_type=cell.gpu_type, cluster=STUDY.cluster)
 
 
-def train_launcher(wildcards):
-    """What starts the ranks: srun across nodes, nothing on one node or for GPT-NeoX (it starts its own)."""
-    return (
-        "" if train_command(wildcards) == "neox-run" else placement(wildcards).launcher
-    )
+def train_resources():
+    """The train rule's resources: a function per resource some cell's placement sets."""
+    placements = {
+        (c.parallel.gpus, c.gpu_type): place(
+            gpus=c.parallel.gpus, gpu_type=c.gpu_type, cluster=STUDY.cluster
+        )
+        for c in STUDY.cells()
+    }
+    return {
+        name: train_resource(name) for name in resources_used(list(placements.values()))
+    }
 
 
 def train_resource(name):
@@ -321,16 +333,14 @@ def compare_inputs(wildcards):
     }
 
 
-def compare_reference_dir(wildcards):
-    return layout.reference_dir(cell_of(wildcards).model.reference_key)
-
-
-def compare_reference(wildcards):
-    return cell_of(wildcards).model.reference
-
-
-def cell_env(wildcards):
-    return hub_env(cell_of(wildcards).model)
+def compare_job(wildcards):
+    """The published reference a cell is compared with: repo, fetched directory, hub settings."""
+    model = cell_of(wildcards).model
+    return {
+        "reference": model.reference,
+        "reference_dir": layout.reference_dir(model.reference_key),
+        "env": hub_env(model),
+    }
 
 
 def cross_generation_published(wildcards):

@@ -14,14 +14,13 @@ rule compare:
         TOOLS_ENV
     threads: 1
     params:
-        env=cell_env,
+        # the published reference: repo, fetched directory, hub settings
+        job=compare_job,
         run=RUN,
-        reference=compare_reference,
-        reference_dir=compare_reference_dir,
     shell:
         logged(
-            "env {params.env} retrace compare-run --run {params.run:q} --reference {params.reference:q}"
-            " --reference-dir {params.reference_dir:q} --out {output.table:q} --tensors-out {output.tensors:q}"
+            "env {params.job[env]} retrace compare-run --run {params.run:q} --reference {params.job[reference]:q}"
+            " --reference-dir {params.job[reference_dir]:q} --out {output.table:q} --tensors-out {output.tensors:q}"
         )
 
 

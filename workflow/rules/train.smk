@@ -18,23 +18,15 @@ rule train:
         train_env
     threads: train_threads
     resources:
-        gpu=train_resource("gpu"),
-        gpu_model=train_resource("gpu_model"),
-        constraint=train_resource("constraint"),
-        nodes=train_resource("nodes"),
-        tasks_per_node=train_resource("tasks_per_node"),
-        mpi=train_resource("mpi"),
-        cpus_per_task=train_resource("cpus_per_task"),
-        slurm_extra=train_resource("slurm_extra"),
+        # only those some cell's placement sets (retrace.placement.resources_used)
+        **train_resources(),
     params:
-        env=cell_env,
-        spec=train_spec,
-        command=train_command,
-        launcher=train_launcher,
+        # the cell's command: its spec (JSON), retrace subcommand, launcher and hub settings
+        job=train_job,
         out=RUN,
         threads_per_rank=STUDY.cluster["threads_per_rank"],
     shell:
         logged(
-            "{params.launcher} env {params.env} retrace {params.command} --spec {params.spec:q}"
+            "{params.job[launcher]} env {params.job[env]} retrace {params.job[command]} --spec {params.job[spec]:q}"
             " --threads {params.threads_per_rank} --out {params.out:q}"
         )
