@@ -120,6 +120,43 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.hidden * seq
 
 
+def measure(*, shape: str = "tiny", seq: int | None = None, batch: int | None = None, gas: int = 1,
+            precision: str = "fp32", attention: str = "flash", device: str = "cpu", steps: int = 5, rounds: int = 4,
+            warmup: int = 2, compare: bool = True, checkpoint_activations: bool = False,
+            peak_tflops: float = 989.0) -> dict:
+    """Median step time, tokens/s (and MFU on a GPU) of retrace and, with ``compare``, transformers, timed
+    alternately in this process; ``ratio`` = retrace / transformers step time."""
+    dev = torch.device(device)
+    seq = seq or (128 if shape in SHAPES else 2048)
+    batch = batch or (16 if shape in SHAPES else 8)
+    cfg = model_config(shape, seq, attention)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab, (batch, seq + 1), generator=g).to(dev) for _ in range(gas)]
+    tokens = batch * seq * gas
+    sides = [RetraceSide(cfg, precision, dev, gas, checkpoint_activations)]
+    if compare:
+        sides.append(HFSide(cfg, precision, dev, gas, checkpoint_activations))
+    for s in sides:
+        time_steps(s, batches, warmup, dev)
+    times: dict[str, list[float]] = {s.name: [] for s in sides}
+    for _ in range(rounds):
+        for s in sides:
+            times[s.name] += time_steps(s, batches, steps, dev)
+    out = {"shape": shape, "n_params": cfg.n_params, "layers": cfg.n_layers, "hidden": cfg.hidden, "vocab": cfg.vocab,
+           "batch": batch, "seq": seq, "gas": gas, "precision": precision, "attention": attention,
+           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+           "torch": torch.__version__, "sides": {}}
+    for s in sides:
+        med = statistics.median(times[s.name])
+        side = {"step_s": med, "steps_timed": len(times[s.name]), "tokens_per_s": tokens / med}
+        if dev.type == "cuda":
+            side["mfu"] = flops_per_token(cfg, seq) * side["tokens_per_s"] / (peak_tflops * 1e12)
+        out["sides"][s.name] = side
+    if compare:
+        out["ratio"] = out["sides"]["retrace"]["step_s"] / out["sides"]["transformers"]["step_s"]
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="tiny", help="tiny, or a Pythia size (14m, 70m, 160m, 410m, ...)")
@@ -137,42 +174,23 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-activations", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (H100 SXM dense fp16/bf16)")
     args = p.parse_args(argv)
-
-    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    seq = args.seq or (128 if args.shape in SHAPES else 2048)
-    batch = args.batch or (16 if args.shape in SHAPES else 8)
-    cfg = model_config(args.shape, seq, args.attention)
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, cfg.vocab, (batch, seq + 1), generator=g).to(device) for _ in range(args.gas)]
-    tokens = batch * seq * args.gas
-
-    sides = [RetraceSide(cfg, args.precision, device, args.gas, args.checkpoint_activations)]
-    if not args.no_compare:
-        sides.append(HFSide(cfg, args.precision, device, args.gas, args.checkpoint_activations))
-    for s in sides:
-        time_steps(s, batches, args.warmup, device)
-    times: dict[str, list[float]] = {s.name: [] for s in sides}
-    for _ in range(args.rounds):
-        for s in sides:
-            times[s.name] += time_steps(s, batches, args.steps, device)
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"shape {args.shape} ({cfg.n_params / 1e6:.2f}M params, L{cfg.n_layers} h{cfg.hidden} vocab {cfg.vocab}), "
-          f"batch {batch} x seq {seq} x gas {args.gas}, {args.precision}, attention {args.attention}, {name}, "
-          f"torch {torch.__version__}")
-    med = {}
-    for s in sides:
-        med[s.name] = statistics.median(times[s.name])
-        tps = tokens / med[s.name]
-        line = f"  {s.name:<13} step {med[s.name] * 1e3:9.2f} ms (median of {len(times[s.name])})  {tps:12,.0f} tokens/s"
-        if device.type == "cuda":
-            mfu = flops_per_token(cfg, seq) * tps / (args.peak_tflops * 1e12)
-            line += f"  MFU {100 * mfu:5.1f}%"
+    r = measure(shape=args.shape, seq=args.seq, batch=args.batch, gas=args.gas, precision=args.precision,
+                attention=args.attention, device=args.device, steps=args.steps, rounds=args.rounds,
+                warmup=args.warmup, compare=not args.no_compare, checkpoint_activations=args.checkpoint_activations,
+                peak_tflops=args.peak_tflops)
+    print(f"shape {r['shape']} ({r['n_params'] / 1e6:.2f}M params, L{r['layers']} h{r['hidden']} vocab {r['vocab']}), "
+          f"batch {r['batch']} x seq {r['seq']} x gas {r['gas']}, {r['precision']}, attention {r['attention']}, "
+          f"{r['device']}, torch {r['torch']}")
+    for name, side in r["sides"].items():
+        line = (f"  {name:<13} step {side['step_s'] * 1e3:9.2f} ms (median of {side['steps_timed']})  "
+                f"{side['tokens_per_s']:12,.0f} tokens/s")
+        if "mfu" in side:
+            line += f"  MFU {100 * side['mfu']:5.1f}%"
         print(line)
-    if "transformers" in med:
-        print(f"  ratio retrace / transformers = {med['retrace'] / med['transformers']:.3f}  (goal <= 1.0)")
+    if "ratio" in r:
+        print(f"  ratio retrace / transformers = {r['ratio']:.3f}  (goal <= 1.0)")
     return 0
 
 

@@ -6,8 +6,16 @@ that lazily touched buffers (the Adam workspace) are resident before the measure
 forward_backward is the process's first (freed activations would otherwise stay resident in the heap). Measures the
 engine found on PYTHONPATH (so an older checkout can be measured the same way).
 
-Usage: memory_probe.py --hidden H --layers L --vocab V [--chunk N] [--what step|forward_backward]
-       [--pdbs B --seq S --precision P --attention flash|global --checkpoint]
+Saves (no step first: the state is filled in place, so no freed heap hides a copy; into ``--out``,
+default a temporary directory): ``--what save_state``
+writes the engine's resume state as the trainer does (streamed, retrace.train.state.save_tensors);
+``--what save_checkpoint`` the fp16 checkpoint as the trainer does (streamed from the weights);
+``--what export_checkpoint`` the checkpoint the old way (``save_params(engine.export_params(fp16))``:
+a host copy of every weight first).
+
+Usage: memory_probe.py --hidden H --layers L --vocab V [--chunk N]
+       [--what step|forward_backward|save_state|save_checkpoint|export_checkpoint]
+       [--pdbs B --seq S --precision P --attention flash|global --checkpoint] [--out DIR]
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+from pathlib import Path
 
 import torch
 
@@ -34,6 +43,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--attention", default="flash")
     ap.add_argument("--checkpoint", action="store_true")
+    ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from retrace.model import GPTNeoX, ModelConfig
     from retrace.pythia.recipes import recipe_for
@@ -54,6 +64,10 @@ def main() -> None:
     eng = BuiltinEngine(model, r, a.precision, gas=1, **kw)
     n = sum(g.numel for g in eng.groups)
     tokens = torch.randint(0, a.vocab, (a.pdbs, a.seq + 1), generator=torch.Generator().manual_seed(0))
+    if a.what.endswith(("_state", "_checkpoint")):  # saves: every buffer resident, no freed heap to reuse
+        with torch.no_grad():
+            for _, t in eng.iter_state_tensors():
+                t.uniform_(0.0, 1.0)
     for _ in range(2 if a.what == "step" else 0):  # forward_backward: the first one, on a fresh heap
         eng.forward_backward(tokens)
         eng.step()
@@ -65,14 +79,31 @@ def main() -> None:
     ws = workspace.numel() * workspace.element_size() if workspace is not None else 0
     if a.what == "step":
         eng.forward_backward(tokens)
+    import tempfile
+
+    out = Path(a.out or tempfile.mkdtemp(prefix="probe-"))
     before = rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
         fh.write("5")
     if a.what == "step":
         eng.step()
+    elif a.what == "save_state":
+        from retrace.train.state import save_tensors
+
+        save_tensors(out / "saved.safetensors", eng.iter_state_tensors())
+    elif a.what == "save_checkpoint":
+        from retrace.train.tensorfile import write_tensors
+
+        write_tensors(out / "saved.safetensors", list(eng.iter_params()), dtype=torch.float16)
+    elif a.what == "export_checkpoint":
+        from retrace.checkpoints import save_params
+
+        save_params(eng.export_params(torch.float16), out / "saved.safetensors")
     else:
         eng.forward_backward(tokens)
     transient = (rss_kib("VmHWM") - before) * 1024
+    if a.what.endswith(("_state", "_checkpoint")):
+        (out / "saved.safetensors").unlink()
     print(json.dumps({"n_params": n, "persistent_bytes": persistent, "workspace_bytes": ws,
                       "transient_bytes": transient, "persistent_b_per_param": persistent / n,
                       "transient_b_per_param": transient / n,

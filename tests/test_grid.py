@@ -193,7 +193,9 @@ def test_the_cell_spec_is_what_the_train_cli_runs():
     study = load(cfg)
     cell = study.cells()[1]
     spec = train_spec(study, cell)
-    assert spec.reference == "EleutherAI/pythia-70m-deduped" and spec.start_step == 1000
+    # the start step staged by fetch_reference, read locally; the published repo kept beside it
+    assert spec.reference == "./resources/references/EleutherAI/pythia-70m-deduped/step1000.safetensors"
+    assert spec.published == "EleutherAI/pythia-70m-deduped" and spec.start_step == 1000
     assert spec.data == "resources/data/synthetic/s1234/deduped/raw/document"
     assert (spec.gpus, spec.pdbs, spec.gas, spec.global_batch) == (16, 32, 2, 1024)
     assert spec.steps == 2000 and spec.recipe == "70m" and spec.lr == 5e-4

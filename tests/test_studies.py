@@ -113,21 +113,30 @@ def test_blog_study_resources_and_commands():
     # 16×A40, pdbs 8, gas 8 (the baseline): two nodes, one srun task per GPU, GPUs asked per node
     two = by_axes[("deduped-preshuffled", "g16p8a8", "a40", "flash", "torch2.4")]
     assert two["res"]["nodes"] == "2" and two["res"]["tasks_per_node"] == "8" and two["res"]["mpi"] == "srun"
-    assert two["res"]["slurm_extra"] == "--gpus-per-node=a40:8" and two["res"]["cpus_per_task"] == "4"
+    from retrace.placement import stop_lead_s
+    from retrace.pythia.sizes import PYTHIA_SIZES
+
+    n = PYTHIA_SIZES["2.8b"].n_params
+    lead16, lead8 = (stop_lead_s(n_params=n, dp=dp, zero1=True) for dp in (16, 8))
+    assert two["res"]["slurm_extra"] == f"--gpus-per-node=a40:8 --signal=USR2@{lead16}"
+    assert two["res"]["cpus_per_task"] == "4"
     assert "gpu" not in two["res"] and two["res"]["runtime"] == "1440"
     assert two["shell"].startswith("(srun --nodes=2 --ntasks-per-node=8 --cpus-per-task=4 --kill-on-bad-exit=1 ")
     spec = spec_of(two["shell"])
-    want = {"reference": "EleutherAI/pythia-2.8b-deduped", "start_step": 0, "gpus": 16, "pdbs": 8, "gas": 8,
+    want = {"reference": "./resources/references/EleutherAI/pythia-2.8b-deduped/step0.safetensors",
+            "published": "EleutherAI/pythia-2.8b-deduped", "device": "cuda", "gpu_names": ["a40"], "start_step": 0, "gpus": 16, "pdbs": 8, "gas": 8,
             "engine": "builtin", "checkpoint_activations": True, "precision": "fp16", "steps": 1000,
             "data": "resources/data/pile/deduped-preshuffled/document", "data_kind": "preshuffled"}
     assert {k: spec[k] for k in want} == want
-    # 8×A40, pdbs 4, gas 32: one node, --gpus=a40:8, retrace train starts the 8 ranks itself
+    # 8×A40, pdbs 4, gas 32: one node, --gpus=a40:8, 8 srun tasks inside the SLURM job, the early signal
     one = by_axes[("standard-preshuffled", "g8p4a32", "a40", "flash", "torch2.4")]
     assert one["res"]["gpu"] == "8" and one["res"]["gpu_model"] == "a40" and one["res"]["nodes"] == "1"
-    assert not {"mpi", "tasks_per_node", "slurm_extra"} & set(one["res"]) and "srun" not in one["shell"]
+    assert one["res"]["mpi"] == "srun" and one["res"]["tasks_per_node"] == "8"
+    assert one["res"]["slurm_extra"] == f"--signal=USR2@{lead8}"
+    assert one["shell"].startswith("(${SLURM_JOB_ID:+srun --nodes=1 --ntasks-per-node=8 --cpus-per-task=4 ")
     # the GPU-type cell keeps the baseline layout on A100s; the others keep the baseline GPU
     assert by_axes[("deduped-preshuffled", "g16p8a8", "a100", "flash", "torch2.4")]["res"]["slurm_extra"] == \
-        "--gpus-per-node=a100:8"
+        f"--gpus-per-node=a100:8 --signal=USR2@{lead16}"
     assert {k[2] for k in by_axes if k[1] != "g16p8a8"} == {"a40"}
     assert {k[1] for k in by_axes} == {"g16p8a8", "g8p8a16", "g8p4a32", "g8p16a8"}
     assert {k[3] for k in by_axes} == {"flash", "global"} and {k[4] for k in by_axes} == {"torch2.4", "torch2.6"}

@@ -87,3 +87,45 @@ def test_deepspeed_matches_builtin_without_the_init_step():
     close = compare_params(a, modern.export_params(torch.float32)).one_minus_cos
     far = compare_params(a, deeper.export_params(torch.float32)).one_minus_cos
     assert close < 1e-8 < far
+
+
+def test_fused_adam_without_nvcc_is_one_error_naming_the_toolkit(tmp_path, monkeypatch):
+    """On GPU the engine loads FusedAdam first; with no prebuilt op and no nvcc that is one clear error, and
+    the build directory is node-local (never ~/.cache on a shared filesystem)."""
+    from retrace.train import ds_engine
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.delenv("CONDA_PREFIX", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    if ds_engine.nvcc_path() is not None:
+        pytest.skip("this machine has nvcc")
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("fused_adam"):
+        pytest.skip("this DeepSpeed has FusedAdam prebuilt")
+    with pytest.raises(RetraceError, match="no nvcc.*envs/torch2"):
+        ds_engine.ensure_fused_adam()
+    import os
+
+    assert os.environ["TORCH_EXTENSIONS_DIR"].startswith(str(tmp_path))
+
+
+def test_a_conda_toolkit_becomes_cuda_home(tmp_path, monkeypatch):
+    from retrace.train import ds_engine
+
+    prefix = tmp_path / "env"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (prefix / "bin" / "nvcc").chmod(0o755)
+    (prefix / "targets" / "x86_64-linux" / "include").mkdir(parents=True)
+    monkeypatch.setenv("CONDA_PREFIX", str(prefix))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv("CPATH", "/opt/include")
+    ds_engine._conda_cuda_home()
+    import os
+
+    assert os.environ["CUDA_HOME"] == str(prefix) and ds_engine.nvcc_path() == str(prefix / "bin" / "nvcc")
+    assert os.environ["CPATH"].split(os.pathsep) == ["/opt/include", str(prefix / "targets" / "x86_64-linux" / "include")]

@@ -89,13 +89,16 @@ def test_slurm_profile_resources_come_from_the_cell(tmp_path):
     one = next(r for w, r in jobs.items() if "__g2p32a16__a100" in w)
     two = next(r for w, r in jobs.items() if "__g16p32a2__a100" in w)
     cpu = next(r for w, r in jobs.items() if "__g2p32a16__cpu" in w)
-    # one node: sbatch --gpus=a100_80gb:2 -C ib; retrace train starts the ranks itself
+    # one node: sbatch --gpus=a100_80gb:2 -C ib, one srun task per GPU (so that only the ranks' own step
+    # gets the early SIGUSR2, see retrace.placement), the signal asked for
     assert one["gpu"] == "2" and one["gpu_model"] == "a100_80gb" and one["constraint"] == "ib"
-    assert one["nodes"] == "1" and "mpi" not in one and "tasks_per_node" not in one
-    assert one["runtime"] == "1440" and "cpus_per_task" in one
+    assert one["nodes"] == "1" and one["mpi"] == "srun" and one["tasks_per_node"] == "2"
+    assert one["runtime"] == "1440" and one["cpus_per_task"] == "1"
+    assert re.fullmatch(r"--signal=USR2@\d+", one["slurm_extra"])
     # two nodes: one srun task per GPU, GPUs per node
     assert "gpu" not in two and two["nodes"] == "2" and two["tasks_per_node"] == "8" and two["mpi"] == "srun"
-    assert two["slurm_extra"] == "--gpus-per-node=a100_80gb:8" and two["cpus_per_task"] == "1"
+    assert re.fullmatch(r"--gpus-per-node=a100_80gb:8 --signal=USR2@\d+", two["slurm_extra"])
+    assert two["cpus_per_task"] == "1"
     # CPU cells ask for no GPU at all
     assert not {"gpu", "gpu_model", "constraint", "mpi", "slurm_extra"} & set(cpu) and cpu["nodes"] == "1"
 

@@ -12,6 +12,17 @@ setting reruns the cell. Settings come from, in order:
 
 GPT-NeoX runs the published config of the model's size: a model that overrides the recipe is refused
 for engine neox, naming the key. Across nodes a neox cell uses DeeperSpeed's slurm launcher.
+
+Start weights (engines builtin, deepspeed): the ranks never reach the Hub. The cell's ``reference`` is
+the local file ``./resources/references/<repo>/step{start}.safetensors`` that the ``fetch_reference``
+local rule writes once, verified, with the source's config.json in its metadata (``start_weights``:
+an input of the train rule); the repo id the study names is kept as ``published`` (run.json, the
+manifest). Built references (``models.<name>.build``) are fetched the same way from their local hub
+cache once published. Engine neox cells still name the Hub spec: ``retrace neox-run`` converts the
+weights itself and needs a GPT-NeoX native checkpoint (with its optimizer state) to start past step 0.
+
+Device: a GPU cell trains on ``cuda`` and checks that the GPU is the one its ``gpu_type`` names (with the
+study's ``cluster.gpu_models`` name for it); a CPU cell trains on ``cpu``.
 """
 
 from __future__ import annotations
@@ -36,14 +47,36 @@ def train_command(cell: Cell) -> str:
     return "neox-run" if cell.engine == "neox" else "train"
 
 
+def start_weights(cell: Cell) -> list[str]:
+    """The staged start checkpoint a cell's train job reads (``fetch_reference``'s output); [] for engine neox."""
+    if cell.engine == "neox":
+        return []
+    return [paths.reference_file(cell.model.reference_key, cell.model.start_step)]
+
+
+def gpu_names(study: Study, cell: Cell) -> list[str] | None:
+    """What ``torch.cuda.get_device_name()`` must match for a GPU cell: its ``gpu_type`` and the scheduler's
+    name for it (``cluster.gpu_models``); None for a CPU cell."""
+    if not cell.on_gpu:
+        return None
+    names = [cell.gpu_type]
+    model = study.cluster["gpu_models"].get(cell.gpu_type)
+    if model and model not in names:
+        names.append(model)
+    return names
+
+
 def train_spec(study: Study, cell: Cell) -> TrainConfig | NeoXRunConfig:
     """The spec of a cell's train job (see the module doc)."""
     if cell.engine == "neox":
         return _neox_spec(study, cell)
     m = cell.model
+    staged = "./" + start_weights(cell)[0]  # ./: a local path, never read as a Hub spec
     return _train_spec(study, m, data=cell.data, parallel=cell.parallel, attention=cell.attention,
                        precision=cell.precision, engine=cell.engine, steps=cell.steps, seed=cell.seed,
-                       reference=m.reference, start_step=m.start_step, out=paths.run_dir(cell.id))
+                       reference=staged, start_step=m.start_step, out=paths.run_dir(cell.id),
+                       published=m.reference, device="cuda" if cell.on_gpu else "cpu",
+                       gpu_names=gpu_names(study, cell))
 
 
 def build_spec(study: Study, model: Model) -> TrainConfig:
@@ -54,13 +87,14 @@ def build_spec(study: Study, model: Model) -> TrainConfig:
     return _train_spec(study, model, data=b.data, parallel=b.parallel, attention=b.attention,
                        precision=b.precision, engine="builtin", steps=b.steps, seed=b.seed,
                        reference=paths.build_init_dir(b.init_key), start_step=0,
-                       out=paths.build_run_dir(model.name))
+                       out=paths.build_run_dir(model.name), device="cpu")
 
 
 def _train_spec(study: Study, m: Model, *, data, parallel, attention, precision, engine, steps, seed,
-                reference, start_step, out) -> TrainConfig:
+                reference, start_step, out, published=None, device="auto", gpu_names=None) -> TrainConfig:
     return TrainConfig(**{**study.train_settings, **m.train_settings},
-                       reference=reference, start_step=start_step, out=out,
+                       reference=reference, start_step=start_step, out=out, published=published,
+                       device=device, gpu_names=gpu_names,
                        data=paths.data_prefix(data, study.synthetic["seed"]), data_kind=data.format,
                        order_seed=data.order_seed, shuffle_samples=data.shuffle_samples,
                        order_cache=paths.order_dir(data) if data.format == "raw" or data.shuffle_samples else None,

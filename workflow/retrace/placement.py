@@ -10,6 +10,19 @@ parallel layout, its ``gpu_type`` and the study's ``cluster`` section:
 * GPU, more: ``nodes`` × ``tasks_per_node`` srun tasks, one rank per GPU (``mpi = "srun"``), the GPUs
   asked per node through ``slurm_extra``.
 
+A cell trained by ``retrace train`` (``rank_tasks``) on two GPUs or more runs its ranks as srun tasks on
+one node too (under SLURM; elsewhere ``retrace train`` starts them itself), and asks SLURM for an early
+``--signal=USR2@lead`` (``stop_signal_s``): the ranks then save and stop before the time limit. Why srun
+tasks: the SLURM jobstep plugin runs a job without the ``mpi`` resource as ``srun -n1 snakemake …``, so
+a step signal reaches that inner Snakemake too, which dies on SIGUSR2 (Python's default action), and
+SLURM then kills what is left of the step — the ranks in the middle of their save. With ``mpi`` the
+inner Snakemake runs in the batch step, which ``--signal`` without ``B:`` leaves alone, and only the
+ranks' own step is signalled. A one-GPU cell cannot be an mpi job (the SLURM plugin refuses one task), so
+it gets no signal and stops by the job's end time instead (``retrace train --stop-lead-s``).
+
+Sizes for the waits around a save (``save_bytes``, ``save_timeout_s``, ``stop_lead_s``) assume the
+busiest rank writes ``SAVE_BYTES_PER_S`` (a busy shared filesystem); the trainer uses the same figures.
+
 Values that reach the sbatch command line (GPU model names, constraints) are checked against
 ``SCHEDULER_WORD`` by the study schema and quoted here: the SLURM plugin runs sbatch through a shell.
 """
@@ -45,12 +58,15 @@ class Placement:
 
     @property
     def launcher(self) -> str:
-        """What starts the ranks: nothing on one node, srun across nodes. The inner srun states its CPUs per
-        rank: since Slurm 22.05 it no longer inherits --cpus-per-task from the allocation."""
+        """What starts the ranks: nothing (``retrace train`` starts local ranks itself), or srun: across
+        nodes always; on one node only inside a SLURM job (``${SLURM_JOB_ID:+…}``: the same command runs
+        under the local executor). The inner srun states its CPUs per rank: since Slurm 22.05 it no longer
+        inherits --cpus-per-task from the allocation."""
         if self.mpi is None:
             return ""
         cpus = f" --cpus-per-task={self.cpus_per_task}" if self.cpus_per_task else ""
-        return f"srun --nodes={self.nodes} --ntasks-per-node={self.tasks_per_node}{cpus} --kill-on-bad-exit=1"
+        srun = f"srun --nodes={self.nodes} --ntasks-per-node={self.tasks_per_node}{cpus} --kill-on-bad-exit=1"
+        return srun if self.nodes > 1 else "${SLURM_JOB_ID:+" + srun + "}"
 
     def resource(self, name: str, threads: int | None = None) -> Any:
         """The value of one Snakemake resource of the train rule (``cpus_per_task`` falls back to the
@@ -60,8 +76,46 @@ class Placement:
         return getattr(self, name)
 
 
-def place(*, gpus: int, gpu_type: str, cluster: dict[str, Any]) -> Placement:
-    """The placement of a run of ``gpus`` data-parallel ranks on ``gpu_type`` (see the module doc)."""
+#: Bytes per second the busiest rank is assumed to write at a save (a busy shared filesystem).
+SAVE_BYTES_PER_S = 25_000_000
+#: NCCL's default collective timeout (10 min): the save timeout never goes below it.
+MIN_COLLECTIVE_TIMEOUT_S = 600
+#: Seconds for the step in flight when the stop comes, and slack (SLURM signals up to 60 s early or late).
+STEP_MARGIN_S = 300
+
+
+def save_bytes(*, n_params: int, dp: int, zero1: bool) -> int:
+    """Bytes the busiest rank (rank 0) writes at a save step: the fp16 checkpoint (2 B/param) and its resume
+    state (fp32 master and the two Adam moments, 12 B/param; divided by ``dp`` under ZeRO-1)."""
+    state = 12 * int(n_params)
+    if zero1 and dp > 1:
+        state = -(-state // dp)
+    return 2 * int(n_params) + state
+
+
+def save_timeout_s(*, n_params: int, dp: int, zero1: bool) -> int:
+    """How long a rank waits for a save (and the collective timeout): NCCL's 10 minutes plus the save's time at
+    ``SAVE_BYTES_PER_S``. pythia-2.8b: ≈ 16 min with ZeRO-1 on 8 ranks, ≈ 36 min replicated."""
+    return MIN_COLLECTIVE_TIMEOUT_S + -(-save_bytes(n_params=n_params, dp=dp, zero1=zero1) // SAVE_BYTES_PER_S)
+
+
+def stop_lead_s(*, n_params: int, dp: int, zero1: bool) -> int:
+    """Seconds before the time limit to stop: a step's margin plus the save, rounded up to a minute."""
+    s = STEP_MARGIN_S + -(-save_bytes(n_params=n_params, dp=dp, zero1=zero1) // SAVE_BYTES_PER_S)
+    return -(-s // 60) * 60
+
+
+def place(*, gpus: int, gpu_type: str, cluster: dict[str, Any], rank_tasks: bool = False,
+          stop_signal_s: int | None = None) -> Placement:
+    """The placement of a run of ``gpus`` data-parallel ranks on ``gpu_type`` (see the module doc).
+
+    Args:
+        gpus, gpu_type, cluster: the layout's ranks, the cell's GPU axis value, the study's ``cluster``.
+        rank_tasks: the ranks are ``retrace train``'s (they handle SIGUSR2): on one node with two GPUs or
+            more they run as srun tasks too, and get ``stop_signal_s``.
+        stop_signal_s: ask SLURM for SIGUSR2 this many seconds before the time limit (srun-task
+            placements only; see the module doc).
+    """
     per_node, tpr = cluster["gpus_per_node"], cluster["threads_per_rank"]
     if gpu_type == "cpu":
         return Placement(nodes=1, ranks_per_node=gpus, threads=gpus * tpr)
@@ -73,7 +127,12 @@ def place(*, gpus: int, gpu_type: str, cluster: dict[str, Any]) -> Placement:
         if value is not None and not re.fullmatch(SCHEDULER_WORD, value):
             raise RetraceError(f"config key {what}.{gpu_type}: {value!r} is not a scheduler word "
                                "(letters, digits and ._-:+&|,[]*)")
+    signal = [f"--signal=USR2@{int(stop_signal_s)}"] if rank_tasks and stop_signal_s else []
     if nodes == 1:
+        if rank_tasks and gpus > 1:  # ranks as srun tasks (module doc)
+            return Placement(nodes=1, ranks_per_node=ranks, threads=ranks * tpr, gpu=gpus, gpu_model=model,
+                             constraint=constraint, tasks_per_node=ranks, mpi="srun", cpus_per_task=tpr,
+                             slurm_extra=_words(signal))
         return Placement(nodes=1, ranks_per_node=ranks, threads=ranks * tpr, gpu=gpus, gpu_model=model,
                          constraint=constraint)
     if gpus % per_node:
@@ -82,7 +141,7 @@ def place(*, gpus: int, gpu_type: str, cluster: dict[str, Any]) -> Placement:
     gres = f"{model}:{ranks}" if model else str(ranks)
     return Placement(nodes=nodes, ranks_per_node=ranks, threads=ranks * tpr, constraint=constraint,
                      tasks_per_node=ranks, mpi="srun", cpus_per_task=tpr,
-                     slurm_extra=shlex.quote(f"--gpus-per-node={gres}"))
+                     slurm_extra=_words([f"--gpus-per-node={gres}", *signal]))
 
 
 #: The train rule's Snakemake resources a placement may set (besides threads).
@@ -96,3 +155,25 @@ def resources_used(placements: list[Placement]) -> list[str]:
     if any(p.mpi for p in placements):
         return list(RESOURCES)  # cpus_per_task falls back to the job's threads where it is None
     return [name for name in RESOURCES if any(getattr(p, name) is not None for p in placements)]
+
+
+def _words(words: list[str]) -> str | None:
+    """sbatch options for ``slurm_extra`` (one shell word each), or None for none."""
+    return " ".join(shlex.quote(w) for w in words) or None
+
+
+def train_placement(*, cell: Any, cluster: dict[str, Any]) -> Placement:
+    """The placement of a cell's train job: ``place`` with, for the engines of ``retrace train``, ranks as
+    srun tasks and SIGUSR2 ``stop_lead_s`` before the limit (sized from the model's recipe size)."""
+    rank_tasks = cell.engine != "neox" and cell.gpu_type != "cpu"
+    lead = None
+    if rank_tasks:
+        from retrace.pythia.sizes import PYTHIA_SIZES
+
+        recipe = cell.model.recipe_values()
+        shape = PYTHIA_SIZES.get(cell.model.recipe)
+        n = shape.n_params if shape is not None else 0
+        zero1 = cell.engine == "deepspeed" or recipe.zero_stage >= 1
+        lead = stop_lead_s(n_params=n, dp=cell.parallel.gpus, zero1=zero1)
+    return place(gpus=cell.parallel.gpus, gpu_type=cell.gpu_type, cluster=cluster, rank_tasks=rank_tasks,
+                 stop_signal_s=lead)

@@ -114,7 +114,29 @@ class TrainConfig:
     train_iters: int | None = setting("E, the original run's length (143000)", default=None, resume=False)
     threads: int | None = setting("torch threads per rank (default: cores / local ranks); fix it for "
                                   "bit-reproducible runs", default=None, cell=False, resume=False)
-    device: str = setting("where to train", default="auto", choices=DEVICES, resume=False)
+    device: str = setting("where to train (the workflow passes the cell's: cuda for a GPU cell, else cpu; the "
+                          "device type that ran is part of the resume fingerprint)", default="auto",
+                          choices=DEVICES, resume=False)
+    gpu_names: list[str] | None = setting(
+        "on CUDA, torch.cuda.get_device_name() must match one of these (case and punctuation ignored, every "
+        "word of a name found in the device's; the workflow passes the cell's gpu_type and its "
+        "cluster.gpu_models name); repeatable; default: any GPU", default=None, metavar="NAME", resume=False)
+    deterministic: bool = setting(
+        "deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, cuDNN "
+        "deterministic, TF32 off, NCCL_ALGO=Ring and NCCL_PROTO=Simple unless set): two runs of one cell on "
+        "the same node type are bitwise equal (retrace.train.determinism)", default=True)
+    published: str | None = setting(
+        "the published run this cell reproduces (org/repo), recorded in run.json, the manifest and the "
+        "checkpoints when --reference is a local copy of its start step (the workflow's staged "
+        "resources/references/<repo>/step{N}.safetensors)", default=None, metavar="REPO", resume=False)
+    save_timeout_s: int | None = setting(
+        "seconds a rank waits for the others' saves (rank 0's checkpoint, every rank's state shard) and "
+        "the process group's collective timeout; default: sized from the model (retrace.placement."
+        "save_timeout_s)", default=None, metavar="S", resume=False)
+    stop_lead_s: int | None = setting(
+        "under SLURM, save and stop this many seconds before the job's end time (SLURM_JOB_END_TIME, else "
+        "squeue), as on SIGUSR2; default: sized from the model (retrace.placement.stop_lead_s); 0: never",
+        default=None, metavar="S", resume=False)
     checkpoint_activations: bool = setting("recompute layers in backward (memory only)", default=False,
                                            resume=False)
     rotary_angles: str = setting("neox: half-precision rotary angles as GPT-NeoX v1.0 under DeepSpeed",
@@ -153,6 +175,11 @@ class TrainConfig:
             raise RetraceError(f"--gpus must be ≥ 1, got {self.gpus}")
         if self.start_step < 0:
             raise RetraceError(f"--start-step must be ≥ 0, got {self.start_step}")
+        for name in ("save_timeout_s", "stop_lead_s"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "stop_lead_s" else 1):
+                raise RetraceError(f"--{name.replace('_', '-')} must be ≥ {0 if name == 'stop_lead_s' else 1}, "
+                                   f"got {value}")
         if self.steps <= self.start_step:
             raise RetraceError(f"--steps ({self.steps}) must be after --start-step ({self.start_step}): "
                                "it is the step number the run ends at")
@@ -171,12 +198,15 @@ class TrainConfig:
                                    gas=self.gas if self.gas is not None else recipe.gas,
                                    precision=recipe.precision)
 
-    def fingerprint(self, recipe: Recipe) -> dict[str, Any]:
+    def fingerprint(self, recipe: Recipe, device: str | None = None) -> dict[str, Any]:
         """What a resume state must match: every ``resume`` field (micro batch, gas and precision as the
-        recipe resolves them) and the recipe itself."""
+        recipe resolves them), the recipe itself and, given, the device type the run computes on
+        (``cuda``/``cpu``: a state written on a GPU is not continued on the CPU, or the reverse)."""
         spec = self.resolved(recipe)
         out = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.metadata["resume"]}
         out["recipe"] = recipe.to_dict()
+        if device is not None:
+            out["device"] = device
         return json.loads(json.dumps(out))
 
 

@@ -16,7 +16,7 @@ from retrace import jobs, launch, plan
 from retrace import paths as layout
 from retrace import rundir
 from retrace.grid import CELL_ID_PATTERN, TOKEN, load_study
-from retrace.placement import place, resources_used
+from retrace.placement import place, resources_used, train_placement
 from retrace.pythia.schedule import save_steps
 
 STUDY = load_study(config, root=workflow.basedir)
@@ -262,11 +262,13 @@ def reference_hub_cache(wildcards):
 
 
 def train_inputs(wildcards):
+    """Data, order maps and the staged start checkpoint (fetched once, verified, where Snakemake runs)."""
     cell = cell_of(wildcards)
     return {
         "data": data_ready(cell.data),
         "published": built_record(cell.model),
         "order": order_record(cell.data, cell.model),
+        "start": launch.start_weights(cell),
     }
 
 
@@ -288,15 +290,14 @@ def train_job(wildcards):
 
 def placement(wildcards):
     """retrace.placement.Placement: what the cell's train job asks for."""
-    cell = cell_of(wildcards)
-    return place(gpus=cell.parallel.gpus, gpu_type=cell.gpu_type, cluster=STUDY.cluster)
+    return train_placement(cell=cell_of(wildcards), cluster=STUDY.cluster)
 
 
 def train_resources():
     """The train rule's resources: a function per resource some cell's placement sets."""
     placements = {
-        (c.parallel.gpus, c.gpu_type): place(
-            gpus=c.parallel.gpus, gpu_type=c.gpu_type, cluster=STUDY.cluster
+        (c.parallel.gpus, c.gpu_type, c.engine, c.model.name): train_placement(
+            cell=c, cluster=STUDY.cluster
         )
         for c in STUDY.cells()
     }

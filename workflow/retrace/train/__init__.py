@@ -7,7 +7,12 @@
     engine        the builtin engine (DeepSpeed ZeRO-1 arithmetic in plain PyTorch; CPU fp16 too)
     ds_engine     the DeepSpeed engine (optional dependency)
     state         resume states (safetensors + JSON, atomic, newest two kept)
+    tensorfile    safetensors written streamed from any device, hashed while written
     distributed   torchrun / srun+submitit / local launcher
+    device        the rank's device; a GPU cell's GPU checked against its gpu_type
+    determinism   deterministic mode (deterministic algorithms, cuBLAS workspace, NCCL Ring/Simple)
+    environment   run.json's record of what changes GPU numerics (SDPA kernel, TF32, NCCL, driver, GPU)
+    deadline      the SLURM job's end time: stop and save before the limit
     trainer       ``train(TrainConfig) -> TrainResult``
 
 Which engine matches what:

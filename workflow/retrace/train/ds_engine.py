@@ -13,6 +13,15 @@ Optional dependency (``pip install -c constraints/cpu.txt deepspeed`` on CPU). C
   * the LR is our GPT-NeoX v1.0 schedule as a client scheduler, which DeepSpeed steps only after an applied
     update (never on an fp16 overflow), as DeeperSpeed did.
 
+On GPU: FusedAdam is a CUDA extension DeepSpeed compiles with nvcc on first use (unless the wheel was
+built with ``DS_BUILD_FUSED_ADAM=1``). ``ensure_fused_adam`` builds (or loads) it before the engine is made,
+into a node-local ``TORCH_EXTENSIONS_DIR`` (``$TMPDIR`` or /tmp; the default ~/.cache is usually a shared
+filesystem, where the build lock of many ranks and nodes misbehaves), so that a missing toolkit is one
+clear error naming the fix (envs/torch2.*.yaml carry nvcc). DeepSpeed binds the device ``LOCAL_RANK``
+names; with one GPU per task (``--gpus-per-task``, ``--gpu-bind``) that index does not exist, so the
+engine is handed the trainer's device (``device_rank``, and ``LOCAL_RANK`` = its index while DeepSpeed
+initialises).
+
 Semantics: DeepSpeed ≥ 0.10 keeps DeeperSpeed's order (overflow check, loss-scale update, then unscale
 with the updated scale, clip coefficient (norm/scale + 1e-6)/clip), so it matches the builtin engine up to
 rounding; on CPU with ``torch_adam`` the update is torch's AdamW formula rather than apex's (equal up to
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import types
 
 import torch
 import torch.distributed as dist
@@ -72,6 +82,68 @@ class NeoXAnnealingLR:
     def load_state_dict(self, sd: dict) -> None:
         self.num_iters = int(sd["num_iters"])
         self._set()
+
+
+def node_local_extensions_dir() -> str:
+    """``TORCH_EXTENSIONS_DIR`` if set, else a per-user directory under ``$TMPDIR`` (or /tmp), set for the
+    process (and its ranks) so every JIT-built op lands on the node's own disk."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        base = os.environ.get("TMPDIR") or "/tmp"
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(base, f"retrace-torch-extensions-{os.getuid()}")
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+def _conda_cuda_home() -> None:
+    """In a conda environment holding nvcc (envs/torch2.*.yaml), point torch's extension builder at it:
+    CUDA_HOME = the environment, and its targets/<arch>/include (where conda-forge puts the CUDA headers)
+    on CPATH."""
+    prefix = os.environ.get("CONDA_PREFIX")
+    if not prefix or os.environ.get("CUDA_HOME") or not os.path.exists(os.path.join(prefix, "bin", "nvcc")):
+        return
+    os.environ["CUDA_HOME"] = prefix
+    targets = os.path.join(prefix, "targets")
+    includes = [os.path.join(targets, t, "include") for t in sorted(os.listdir(targets))] \
+        if os.path.isdir(targets) else []
+    cpath = [p for p in os.environ.get("CPATH", "").split(os.pathsep) if p]
+    os.environ["CPATH"] = os.pathsep.join([*cpath, *(i for i in includes if i not in cpath)])
+
+
+def ensure_fused_adam() -> None:
+    """Load DeepSpeed's FusedAdam CUDA op, building it (nvcc) into the node-local extensions directory if
+    it was not prebuilt.
+
+    Raises:
+        RetraceError: it cannot be built, naming the toolkit it needs.
+    """
+    where = node_local_extensions_dir()
+    _conda_cuda_home()
+    fix = ("It is compiled with nvcc on first use: create the cell's environment from envs/torch2.*.yaml (they "
+           "carry the CUDA toolkit), or install DeepSpeed prebuilt (DS_BUILD_FUSED_ADAM=1 pip install deepspeed "
+           f"on a machine with nvcc); build directory: {where}")
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        installed_ops = {}
+    if not installed_ops.get("fused_adam") and nvcc_path() is None:
+        raise RetraceError("--engine deepspeed on GPU needs DeepSpeed's FusedAdam op, which this DeepSpeed was "
+                           f"installed without, and there is no nvcc (PATH, $CUDA_HOME/bin). {fix}")
+    try:
+        from deepspeed.ops.op_builder import FusedAdamBuilder
+
+        FusedAdamBuilder().load()
+    except Exception as exc:  # noqa: BLE001 - the builder raises whatever nvcc or the linker says
+        raise RetraceError(f"--engine deepspeed on GPU needs DeepSpeed's FusedAdam op, which could not be "
+                           f"built ({exc}). {fix}") from exc
+
+
+def nvcc_path() -> str | None:
+    """nvcc on PATH or under $CUDA_HOME/bin, or None."""
+    import shutil
+
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
 
 
 def ds_config(recipe: Recipe, precision: str, *, pdbs: int, gas: int, world_size: int, cpu: bool,
@@ -124,10 +196,17 @@ class DeepSpeedEngine:
         # (left behind, RANK/WORLD_SIZE would look like a launcher's to the next run in this process).
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
                "LOCAL_RANK": "0"}
-        saved = {k: os.environ.get(k) for k in env}
         if dist.is_initialized():
             env = {"LOCAL_RANK": str(dist.get_rank())}
+        forced = {}
+        args = None
+        if not cpu:  # DeepSpeed's device is LOCAL_RANK's index unless handed one: hand it ours
+            ensure_fused_adam()
+            forced = {"LOCAL_RANK": str(device.index if device.index is not None else torch.cuda.current_device())}
+            args = types.SimpleNamespace(device_rank=int(forced["LOCAL_RANK"]))
+        saved = {k: os.environ.get(k) for k in {**env, **forced}}
         os.environ.update({k: v for k, v in env.items() if saved.get(k) is None})
+        os.environ.update(forced)
         try:
             if not dist.is_initialized():
                 # Kept for the life of the process (DeepSpeed caches groups made from it, so a second
@@ -135,12 +214,14 @@ class DeepSpeedEngine:
                 deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
                 atexit.register(_destroy_process_group)
             self.ds, self.opt, _, self.sched = deepspeed.initialize(
-                model=model, model_parameters=params, config=config,
+                args=args, model=model, model_parameters=params, config=config,
                 lr_scheduler=lambda opt: NeoXAnnealingLR(opt, recipe, lr_iter))
         finally:
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         self.model = self.ds.module
         self._micro = 0
         self._adam_steps = 0
@@ -187,6 +268,14 @@ class DeepSpeedEngine:
     # -- parameters and state ---------------------------------------------------------------------------
     def export_params(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         return {n: p.detach().to(device="cpu", dtype=dtype).clone() for n, p in self.model.named_parameters()}
+
+    def iter_params(self):
+        """(name, weight) of the module on the device, nothing copied."""
+        yield from ((n, p.detach()) for n, p in self.model.named_parameters())
+
+    def iter_state_tensors(self):
+        """(name, tensor) of this rank's resume state, views of DeepSpeed's buffers (nothing copied)."""
+        yield from self.state_tensors().items()
 
     def _zero(self):
         opt = self.ds.optimizer

@@ -263,6 +263,12 @@ class BuiltinEngine:
                 out[name] = v.detach().to(device="cpu", dtype=dtype).clone()
         return out
 
+    def iter_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(canonical name, weight) of the module in the compute dtype on the device: views of the flat
+        buffers, nothing copied (a checkpoint streams them to disk)."""
+        for g in self.groups:
+            yield from g.views(g.model)
+
     def master_params(self) -> dict[str, torch.Tensor]:
         """The fp32 master by canonical name (replicated engine only: under ZeRO-1 a rank holds a shard)."""
         if self.partition.sharded:

@@ -7,9 +7,13 @@ Layout of one state::
                                              tensor file; written LAST, so its presence marks a
                                              complete state
 
-Nothing is pickled. Every file is written atomically (retrace.io). Only the newest ``keep`` complete
-states are kept. Loading verifies the hashes; a corrupt or incomplete newest state falls back to the
-previous one with a warning.
+Nothing is pickled. Every file is written atomically (retrace.io), streamed tensor by tensor and piece
+by piece (retrace.train.tensorfile: no host copy of the whole state), its sha256 computed from the
+bytes as they are written. Each rank writes its own file (rank{r}.safetensors) where the optimizer
+state is partitioned; a replicated state (one rank, or the stage-0 sizes 14m/31m, whose state is under
+0.5 GB) is written by the main rank alone. Only the newest ``keep`` complete states are kept. Loading
+verifies the hashes; a corrupt or incomplete newest state falls back to the previous one with a
+warning.
 """
 
 from __future__ import annotations
@@ -18,25 +22,25 @@ import json
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from retrace.io import atomic_path, sha256_file, write_json
+from retrace.io import sha256_file, write_json
 
 STATE_JSON = "state.json"
 _STEP_DIR = re.compile(r"^step(\d+)$")
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write tensors atomically as safetensors; returns the file's sha256."""
-    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(clean, str(tmp), metadata=metadata)
-    return sha256_file(path)
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                 metadata: dict[str, str] | None = None) -> str:
+    """Write tensors (any device) atomically as safetensors, streamed; returns the file's sha256."""
+    from retrace.train.tensorfile import write_tensors
+
+    return write_tensors(path, tensors, metadata=metadata)
 
 
 def state_dir(root: Path, step: int) -> Path:

@@ -15,12 +15,10 @@ Outputs under ``out``:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
-import platform
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ from retrace.rundir import RunDir, timestamp
 from retrace.spec import TrainConfig
 from retrace.train import state as st
 from retrace.train.distributed import DistEnv, detect, launch_local
+from retrace.train.environment import environment  # noqa: F401 - re-exported (run.json's record)
 
 
 class TrainingInterrupted(Exception):
@@ -117,16 +116,21 @@ class Trainer:
     # ---- setup -----------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         old_handlers = self._install_signals()  # from here on a signal stops at the end of a step
+        from retrace.train import determinism
+
+        restore = determinism.apply(deterministic=self.cfg.deterministic)  # before any CUDA or NCCL work
         try:
             self.prepare()
             self.device = self._device()
             self._init_process_group()
+            self._arm_deadline()
             resume = self._find_resume()
             try:
                 return self._train(resume)
             finally:
                 self._shutdown()
         finally:
+            restore()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
 
@@ -191,16 +195,9 @@ class Trainer:
         os.environ["OMP_NUM_THREADS"] = str(self.threads)
 
     def _device(self) -> torch.device:
-        want = self.cfg.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want == "cuda":
-            if not torch.cuda.is_available():
-                raise RetraceError("--device cuda but no GPU is visible")
-            idx = self.env.local_rank % torch.cuda.device_count()
-            torch.cuda.set_device(idx)
-            return torch.device("cuda", idx)
-        return torch.device("cpu")
+        from retrace.train.device import select_device
+
+        return select_device(self.cfg.device, local_rank=self.env.local_rank, gpu_names=self.cfg.gpu_names)
 
     def _open_data(self):
         from retrace.data import open_training_data
@@ -227,12 +224,60 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001
             raise RetraceError(f"{self.source}: cannot open the start weights: {exc}") from exc
 
+    def _save_sizes(self) -> dict:
+        """The model's parameter count, ranks and partitioning: what sizes the save waits."""
+        from retrace.pythia.sizes import config_from_hf
+
+        return {"n_params": config_from_hf(self.hf_config).n_params, "dp": self.env.world_size,
+                "zero1": self.sharded}
+
     def _init_process_group(self) -> None:
+        """The process group, with a collective timeout that fits a save (``save_timeout_s``, sized from the
+        model by default), and a gloo group of the same timeout for the waits around saves: a rank waiting
+        for rank 0's checkpoint then blocks in a host barrier, never in an NCCL collective."""
+        from retrace.placement import save_timeout_s
+
+        cfg = self.cfg
+        self.save_timeout = cfg.save_timeout_s or save_timeout_s(**self._save_sizes())
+        self.save_group = None
         if self.env.world_size > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
+            # test hook: a collective timeout shorter than a save, to show the saves do not depend on it
+            pg_timeout = float(cfg.extra.get("pg_timeout_s") or self.save_timeout)
             torch.distributed.init_process_group(backend=backend, rank=self.env.rank,
-                                                 world_size=self.env.world_size)
+                                                 world_size=self.env.world_size,
+                                                 timeout=datetime.timedelta(seconds=pg_timeout))
             self.pg_initialized = True
+        if self.env.world_size > 1:
+            self.save_group = torch.distributed.new_group(backend="gloo",
+                                                          timeout=datetime.timedelta(seconds=self.save_timeout))
+
+    def _save_barrier(self, what: str) -> None:
+        """Wait (host barrier of the save group) until every rank is past ``what`` (a save)."""
+        if self.env.world_size > 1 and self.save_group is not None:
+            self._in_save_group(lambda: torch.distributed.barrier(group=self.save_group), what)
+
+    def _in_save_group(self, fn, what: str):
+        try:
+            return fn()
+        except RuntimeError as exc:
+            raise RetraceError(f"rank {self.env.rank}: the ranks did not all finish {what} within "
+                               f"--save-timeout-s {self.save_timeout:g} s ({exc}); raise it if the "
+                               "filesystem is slow") from exc
+
+    def _arm_deadline(self) -> None:
+        """Under SLURM, stop ``stop_lead_s`` before the job's end time (main rank; the others follow at the
+        step's stop agreement). See retrace.train.deadline."""
+        from retrace.placement import stop_lead_s
+        from retrace.train.deadline import stop_deadline
+
+        self.deadline = None
+        if self.env.is_main:
+            lead = self.cfg.stop_lead_s
+            if lead is None:
+                lead = stop_lead_s(**self._save_sizes())
+            self.stop_lead = int(lead)
+            self.deadline = stop_deadline(self.stop_lead)
 
     def _shutdown(self) -> None:
         owns = self.pg_initialized or getattr(getattr(self, "engine", None), "owns_process_group", False)
@@ -294,7 +339,7 @@ class Trainer:
 
     # ---- resume ----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
-        return self.cfg.fingerprint(self.recipe)
+        return self.cfg.fingerprint(self.recipe, device=self.device.type)
 
     def _rank_file(self) -> str:
         return f"rank{self.env.rank}.safetensors" if self.sharded else "tensors.safetensors"
@@ -328,7 +373,9 @@ class Trainer:
             readable.append(step)
         if self.env.world_size > 1:
             every: list[Any] = [None] * self.env.world_size
-            torch.distributed.all_gather_object(every, readable)
+            self._in_save_group(lambda: torch.distributed.all_gather_object(every, readable,
+                                                                            group=self.save_group),
+                                "checking their resume states")
             common = set.intersection(*(set(r) for r in every))
             if self.env.is_main and common != set(readable):
                 print(f"retrace train: ranks agree on resuming from step {max(common, default=None)} "
@@ -363,8 +410,9 @@ class Trainer:
             self._load_source_optimizer(engine)
             if self.env.is_main and step in self.save_steps:
                 hashes[str(step)] = self._save_checkpoint(engine, step, ckpt_dir)
+        self._save_barrier(f"the start checkpoint (step {step})")
         attempts.append({"started": timestamp(), "resumed_from": step if resume is not None else None,
-                         "environment": environment(self.device, engine_name=cfg.engine)})
+                         "environment": self._environment()})
         self._write_run_json(attempts, finished=False)
 
         trace = None
@@ -425,12 +473,27 @@ class Trainer:
             manifest = self._write_manifest(ckpt_dir, hashes, final_loss)
         else:
             manifest = self.rundir.manifest
-        self._barrier()
+        self._save_barrier("the manifest")
         return TrainResult(out=self.out, final_step=cfg.steps, saved_steps=list(self.save_steps), manifest=manifest,
                            log=self.rundir.train_log, final_loss=final_loss)
 
+    def _environment(self) -> dict:
+        """run.json's environment record, with the SDPA backend the cell's attention dispatches to."""
+        from retrace.train.engine import DTYPES
+        from retrace.train.environment import sdpa_backend
+
+        mc = self.model_config
+        sdpa = sdpa_backend(attention=mc.attention, device=self.device, dtype=DTYPES[self.recipe.precision],
+                            heads=mc.heads, seq_len=self.recipe.seq_length, head_dim=mc.head_dim)
+        return environment(self.device, engine_name=self.cfg.engine, deterministic=self.cfg.deterministic, sdpa=sdpa)
+
     def _reduce_loss_and_stop(self, loss_sum: torch.Tensor) -> tuple[float, int]:
-        """Mean loss over micro-batches and ranks; and whether any rank got a stop signal (its number)."""
+        """Mean loss over micro-batches and ranks; and whether any rank got a stop signal (its number). The
+        main rank's deadline (the SLURM job's end time less the stop lead) counts as SIGUSR2."""
+        if getattr(self, "deadline", None) is not None and self.stop_signal is None and time.time() >= self.deadline:
+            self.stop_signal = signal.SIGUSR2
+            print(f"retrace train: the job's time limit is {self.stop_lead} s away or less (--stop-lead-s): "
+                  "saving and stopping after this step", file=sys.stderr, flush=True)
         buf = torch.tensor([float(loss_sum), float(self.stop_signal or 0)], dtype=torch.float64)
         if self.env.world_size > 1:
             dev = self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -463,12 +526,19 @@ class Trainer:
 
     # ---- writing -----------------------------------------------------------------------------------------
     def _save_checkpoint(self, engine, step: int, ckpt_dir: Path) -> str:
-        from retrace.checkpoints import save_params
+        """The fp16 checkpoint, streamed from the weights (no host copy of them) and hashed as written;
+        the same bytes ``save_params(engine.export_params(torch.float16))`` writes."""
+        from retrace.checkpoints.names import canonical_order
+        from retrace.train.tensorfile import write_tensors
 
-        path = self.rundir.checkpoint(step)
-        save_params(engine.export_params(torch.float16), path,
-                    metadata={"step": str(step), "reference": self.cfg.reference, "producer": "retrace train"})
-        return sha256_file(path)
+        delay = float(self.cfg.extra.get("save_delay_s") or 0)  # test hook: a slow filesystem on rank 0
+        if delay:
+            time.sleep(delay)
+        params = dict(engine.iter_params())
+        return write_tensors(self.rundir.checkpoint(step), [(n, params[n]) for n in canonical_order(params)],
+                             dtype=torch.float16, sort=False,
+                             metadata={"step": str(step), "reference": self.cfg.published or self.cfg.reference,
+                                       "producer": "retrace train"})
 
     def _save_state(self, engine, step: int, hashes: dict, rows: list[dict]) -> None:
         root = self.rundir.state
@@ -479,15 +549,16 @@ class Trainer:
         # partition per rank, each in its own file.
         files: dict[str, str] = {}
         if self.sharded or self.env.is_main:
-            tensors = dict(engine.state_tensors())
-            tensors.update(rng_t)
+            tensors = [*engine.iter_state_tensors(), *rng_t.items()]  # views: streamed, hashed as written
             files[self._rank_file()] = st.save_tensors(d / self._rank_file(), tensors)
+        what = f"their saves of step {step}"
         if self.env.world_size > 1 and self.sharded:
             gathered: list[Any] = [None] * self.env.world_size
-            torch.distributed.all_gather_object(gathered, files)
+            self._in_save_group(lambda: torch.distributed.all_gather_object(gathered, files, group=self.save_group),
+                                what)
             files = {k: v for g in gathered for k, v in g.items()}
         else:
-            self._barrier()
+            self._save_barrier(what)
         if self.env.is_main:
             self._write_log(rows)
             st.write_state_json(root, step, {"engine": engine.state_meta(), "rng": rng_meta,
@@ -495,7 +566,7 @@ class Trainer:
                                              "checkpoints": hashes, "threads": self.threads,
                                              "data_position": step * self.recipe.global_batch,
                                              "written": timestamp()}, files, keep=self.cfg.keep_states)
-        self._barrier()
+        self._save_barrier(f"the state of step {step}")
 
     def _write_log(self, rows: list[dict]) -> None:
         import pandas as pd
@@ -538,14 +609,32 @@ class Trainer:
             "precision": self.recipe.precision,
             "distributed": {"source": self.env.source, "world_size": self.env.world_size,
                             "backend": "nccl" if self.device.type == "cuda" and self.env.world_size > 1
-                            else ("gloo" if self.env.world_size > 1 else None)},
+                            else ("gloo" if self.env.world_size > 1 else None),
+                            "save_timeout_s": getattr(self, "save_timeout", None)},
+            "published": self.cfg.published,
+            "deterministic": self.cfg.deterministic,
+            "stop_deadline": getattr(self, "deadline", None),
             "threads_per_rank": self.threads,
             "save_steps": self.save_steps,
             "optimizer_state_from": self.optimizer_source,
+            "start_weights": self._start_record(),
             "environment": env,
             "attempts": attempts,
             "finished": finished,
         })
+
+    def _start_record(self) -> dict | None:
+        """The provenance a staged start checkpoint carries (``retrace fetch-reference``'s record), if any."""
+        from retrace.checkpoints.record import read_reference_record
+
+        path = Path(self.source)
+        if not (path.is_file() and path.name.endswith(".safetensors")):
+            return None
+        try:
+            rec = read_reference_record(path).to_dict()
+        except RetraceError:
+            return None
+        return rec if rec.get("repo") or rec.get("source") else None
 
     def _write_manifest(self, ckpt_dir: Path, hashes: dict, final_loss: float | None) -> Path:
         files = []
@@ -558,7 +647,9 @@ class Trainer:
             files.append({"step": s, "file": name, "sha256": sha})
         manifest = self.rundir.manifest
         write_json(manifest, {"steps": list(self.save_steps), "files": files, "final_step": self.cfg.steps,
-                              "start_step": self.cfg.start_step, "reference": self.cfg.reference,
+                              "start_step": self.cfg.start_step,
+                              "reference": self.cfg.published or self.cfg.reference,
+                              "start_weights": self.source,
                               "dtype": "float16", "final_loss": final_loss, "written": timestamp()})
         return manifest
 
@@ -613,44 +704,3 @@ class Trainer:
 def _hms(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=False)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return None
-
-
-def environment(device: torch.device | None = None, engine_name: str | None = None) -> dict:
-    """Python, torch, CUDA/cuDNN, GPUs, host, git commit (and deepspeed when used)."""
-    cuda = torch.cuda.is_available()
-    env = {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "gpu_count": torch.cuda.device_count() if cuda else 0,
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
-        "device": str(device) if device is not None else None,
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "git_commit": _git_commit(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-    }
-    if engine_name == "deepspeed":
-        try:
-            import deepspeed
-
-            env["deepspeed"] = deepspeed.__version__
-        except ImportError:
-            env["deepspeed"] = None
-    return env
