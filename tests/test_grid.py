@@ -96,7 +96,7 @@ def test_ids_follow_the_grammar_and_split_back_into_axes():
     cfg["axes"]["steps"] = [2000]
     cfg["axes"]["deps"] = ["torch2.4"]
     for cell in load(cfg).cells():
-        assert CELL_ID_RE.match(cell.id)
+        assert CELL_ID_RE.fullmatch(cell.id)
         tokens = cell.id.split("__")
         assert len(tokens) == len(AXES)
         assert tokens[0] == "pythia-70m-deduped-from1000"

@@ -79,6 +79,47 @@ def _drop_cache_metadata(cache: Path, revision: str, *, copies: bool) -> None:
                 p.write_bytes(data)
 
 
+# --- item 1: a study file cannot run commands through cluster.gpu_models / gpu_constraints ------------
+
+
+@pytest.mark.parametrize("key, value", [
+    ("gpu_models", "a100 $(touch PWNED)"),
+    ("gpu_models", "a100;touch PWNED"),
+    ("gpu_models", "a100`touch PWNED`"),
+    ("gpu_models", "a100\n"),
+    ("gpu_constraints", "ib' --wrap='touch PWNED"),
+    ("gpu_constraints", "ib>PWNED"),
+])
+def test_hostile_scheduler_names_are_refused_when_the_study_is_loaded(key, value, tmp_path, monkeypatch):
+    """A value the SLURM plugin's shell would expand never reaches a job: the study fails to load, naming
+    the key, and nothing ran (the plugin passes sbatch lines to a shell)."""
+    from retrace.grid import load_study
+    from study_factory import synthetic_study
+
+    monkeypatch.chdir(tmp_path)
+    cfg = synthetic_study(gpu_type=["a100"])
+    cfg["cluster"] = {"gpus_per_node": 8, key: {"a100": value}}
+    with pytest.raises(RetraceError, match=rf"cluster.*{key}|{key}.*a100"):
+        load_study(cfg).cells()
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_admitted_scheduler_names_reach_sbatch_as_one_unexpanded_word(tmp_path):
+    """Names the schema admits may hold characters a shell reads (&, |, [], *): the multi-node
+    ``slurm_extra`` quotes them, so a real shell hands sbatch exactly the option written."""
+    import subprocess
+
+    from retrace.placement import place
+
+    for word in ["a100_80gb", "nvidia_h100:8", "h100&ib", "a100|h100", "gpu[1-4]", "x*"]:
+        (tmp_path / "gpu1").touch()  # a glob match, were the word left unquoted
+        p = place(gpus=16, gpu_type="a100", cluster={"gpus_per_node": 8, "threads_per_rank": 1,
+                                                     "gpu_models": {"a100": word}, "gpu_constraints": {}})
+        out = subprocess.run(["bash", "-c", f"printf '%s\\n' {p.slurm_extra}"], cwd=tmp_path,
+                             capture_output=True, text=True, check=True).stdout
+        assert out.splitlines() == [f"--gpus-per-node={word}:8"], (word, p.slurm_extra)
+
+
 # --- item 2: a local directory never silently replaces a Hub reference ------------------------------
 
 
@@ -271,6 +312,13 @@ def test_patterns_do_not_accept_a_trailing_newline(offline, tmp_path):
     from retrace.checkpoints.names import sort_key
 
     assert sort_key("gpt_neox.layers.0.attention.dense.weight\n")[0] == 4  # not a layer parameter
+    from retrace.train.state import STATE_JSON, complete_steps
+
+    states = tmp_path / "states"
+    for name in ("step4", "step5\n"):
+        (states / name).mkdir(parents=True)
+        (states / name / STATE_JSON).write_text("{}")
+    assert complete_steps(states) == [4]  # "step5\n" is not a state directory
 
 
 def test_hub_cache_links_are_not_made_at_a_predictable_name(offline):

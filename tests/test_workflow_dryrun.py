@@ -61,6 +61,16 @@ def test_embedded_study_dry_run(tmp_path):
     assert counts["synth_data"] == 1 and counts["aggregate"] == 1 and counts["report"] == 1
 
 
+def test_the_report_lists_the_provenance_of_every_fetched_reference(tmp_path):
+    """The report job reads each compared repo's fetched references (repo, commit, verified)."""
+    out = snakemake("-n", "-p", "report", workdir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if "retrace report " in x)
+    study = load_study(ROOT / "config.yaml", root=ROOT)
+    repos = sorted({c.model.reference_key for c in study.cells()})
+    assert re.findall(r"--references (\S+)", line) == [layout.reference_dir(r) for r in repos]
+
+
 def test_a_bad_config_stops_before_anything_runs_naming_the_key(tmp_path):
     cfg = hub_study()
     cfg["axes"]["parallel"][0]["gpu"] = 2

@@ -188,6 +188,17 @@ def reference_steps_record(cell):
     )
 
 
+def all_reference_records():
+    """Every (repo, steps) record the study's cells compare with, each once (the report lists them)."""
+    return sorted({reference_steps_record(c) for c in STUDY.cells()})
+
+
+def report_references(wildcards, input):
+    """``--references DIR`` for each fetched repo the report lists the provenance of."""
+    dirs = sorted({str(Path(r).parent) for r in input.references})
+    return " ".join(f"--references {shlex.quote(d)}" for d in dirs)
+
+
 def reference_step_files(wildcards):
     steps = save_steps(int(wildcards.first), int(wildcards.last))
     return [layout.reference_file(wildcards.repo, s) for s in steps]

@@ -62,6 +62,8 @@ rule report:
         train_log="results/tables/train_log.parquet",
         # the "Versus other generations" section, when the study sets cross_generation (compare.smk)
         cross_generation=cross_generation_targets(),
+        # the fetched references, whose repo, commit and verification the report lists
+        references=all_reference_records(),
     output:
         index=report(
             "results/report/index.html",
@@ -94,7 +96,8 @@ rule report:
         TOOLS_ENV
     params:
         documented=report_documented,
+        references=report_references,
     shell:
         logged(
-            "retrace report --tables results/tables --out results/report {params.documented}"
+            "retrace report --tables results/tables --out results/report {params.documented} {params.references}"
         )

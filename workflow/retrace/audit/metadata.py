@@ -62,15 +62,15 @@ def weight_kind(filename: str) -> str | None:
     name = filename.rsplit("/", 1)[-1]
     if filename == SAFETENSORS:
         return "safetensors"
-    if "/" not in filename and _ST_SHARD_RE.match(name):
+    if "/" not in filename and _ST_SHARD_RE.fullmatch(name):
         return "safetensors-sharded"
     if filename == TORCH_BIN:
         return "bin"
-    if "/" not in filename and _BIN_SHARD_RE.match(name):
+    if "/" not in filename and _BIN_SHARD_RE.fullmatch(name):
         return "bin-sharded"
-    if _NEOX_MODEL_RE.match(name):
+    if _NEOX_MODEL_RE.fullmatch(name):
         return "neox"
-    if _NEOX_OPTIM_RE.match(name):
+    if _NEOX_OPTIM_RE.fullmatch(name):
         return "neox-optim"
     if name.endswith(_WEIGHT_SUFFIXES) and name != "training_args.bin":
         return "other"
@@ -297,7 +297,7 @@ class CacheMetadata(MetadataSource):
             if name.startswith("refs/"):  # pull requests (refs/pr/N) are not branches
                 continue
             commit = path.read_text(encoding="utf-8").strip()
-            if not _SHA1_RE.match(commit):
+            if not _SHA1_RE.fullmatch(commit):
                 raise RetraceError(f"{path}: not a commit hash ({commit[:60]!r})")
             out[name] = commit
         return out
@@ -331,12 +331,12 @@ class CacheMetadata(MetadataSource):
         size = path.stat().st_size
         blob = os.path.basename(os.path.realpath(path)) if path.is_symlink() else None
         if is_lfs_file(name):
-            if blob and _SHA256_RE.match(blob):
+            if blob and _SHA256_RE.fullmatch(blob):
                 return FileMeta(name, size, blob, None, True)
             if weight_kind(name) is not None:  # a copy: hash it (local, no download)
                 return FileMeta(name, size, sha256_file(path), None, True)
             return FileMeta(name, size, None, None, True)
-        if blob and _SHA1_RE.match(blob):
+        if blob and _SHA1_RE.fullmatch(blob):
             return FileMeta(name, size, None, blob, True)
         return FileMeta(name, size, None, None, True)
 

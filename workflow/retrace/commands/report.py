@@ -42,11 +42,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="MODEL=VARIANT",
         help="the data variant a model is published as; the verdict says whether it agrees (repeatable)",
     )
+    p.add_argument(
+        "--references",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="fetched reference files or directories (resources/references/<repo>): the report lists each "
+        "one's repo, step, commit and whether it was verified (repeatable)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from retrace.report.build import build_report
 
-    build_report(args.tables, args.out, args.steps, parse_documented(args.documented))
+    build_report(args.tables, args.out, args.steps, parse_documented(args.documented), references=args.references)
     return 0

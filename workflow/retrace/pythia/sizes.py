@@ -203,8 +203,8 @@ def pythia_size(name: str) -> str:
     name = name.split("/")[-1]
     if name.startswith("neox-ckpt-"):
         name = name[len("neox-ckpt-") :]
-    m = _NAME_RE.match(name)
-    if m and all(_SUFFIX_RE.match(s) for s in m["rest"].split("-")[1:]) and m["size"] in _PYTHIA_TABLE:
+    m = _NAME_RE.fullmatch(name)
+    if m and all(_SUFFIX_RE.fullmatch(s) for s in m["rest"].split("-")[1:]) and m["size"] in _PYTHIA_TABLE:
         return m["size"]
     raise RetraceError(f"unknown Pythia size {raw!r}; known sizes: {', '.join(_PYTHIA_TABLE)}")
 

@@ -61,7 +61,7 @@ def complete_steps(root: Path) -> list[int]:
         return []
     steps = []
     for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
+        m = _STEP_DIR.fullmatch(p.name)
         if m and (p / STATE_JSON).is_file():
             steps.append(int(m.group(1)))
     return sorted(steps)
@@ -75,7 +75,7 @@ def prune(root: Path, keep: int) -> None:
         return
     cutoff = steps[-keep]
     for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
+        m = _STEP_DIR.fullmatch(p.name)
         if m and int(m.group(1)) < cutoff:
             shutil.rmtree(p, ignore_errors=True)
 

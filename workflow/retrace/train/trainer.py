@@ -182,7 +182,7 @@ class Trainer:
 
         path = Path(self.source)
         if path.is_dir() and is_neox_dir(path):
-            m = re.match(r"^global_step(\d+)$", resolve_neox_dir(path).name)
+            m = re.fullmatch(r"global_step(\d+)", resolve_neox_dir(path).name)
             if m and int(m.group(1)) != self.cfg.start_step:
                 raise RetraceError(f"{self.source} is step {m.group(1)}, not --start-step {self.cfg.start_step}")
 
