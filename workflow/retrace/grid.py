@@ -65,10 +65,9 @@ CELL_COLUMNS = ("cell", "model", "data", "gpus", "pdbs", "gas", "gpu_type", "att
                 "steps", "precision", "engine")
 
 TOKEN = r"[A-Za-z0-9]+(?:[-._+][A-Za-z0-9]+)*"
-TOKEN_RE = re.compile(rf"^{TOKEN}$")
 #: A cell id, for Snakemake's wildcard_constraints (one token per axis).
 CELL_ID_PATTERN = rf"{TOKEN}(?:__{TOKEN}){{{len(AXES) - 1}}}"
-CELL_ID_RE = re.compile(rf"^{CELL_ID_PATTERN}$")
+CELL_ID_RE = re.compile(CELL_ID_PATTERN)  # use with fullmatch
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
