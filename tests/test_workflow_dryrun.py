@@ -217,6 +217,33 @@ def test_cells_command_reads_each_state_from_disk(tmp_path):
     assert [line.split()[1] for line in buf.getvalue().splitlines()[:-1]] == [running, interrupted]
 
 
+def test_a_failed_start_checkpoint_fetch_fails_the_cells_that_wait_for_it(tmp_path):
+    """A cell whose start checkpoint could not be staged never starts its own jobs: `retrace cells` says
+    failed (naming the fetch's log), not pending; a cell already done stays done."""
+    from retrace.launch import start_fetch_logs
+
+    cfg = hub_study(seed=[1, 2])
+    cfg_path = write_study(tmp_path / "s.yaml", cfg)
+    cells = load_study(cfg, root=ROOT).cells()
+    done, waiting = cells[0].id, cells[1].id
+    for out in (layout.manifest(done), layout.similarity(done)):
+        (tmp_path / out).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / out).touch()
+    [fetch_log] = start_fetch_logs(cells[1])
+    assert fetch_log == "results/logs/fetch_reference/EleutherAI/pythia-70m-deduped/step0.log"
+    (tmp_path / fetch_log).parent.mkdir(parents=True)
+    (tmp_path / fetch_log).write_text(f"sha256 mismatch\n{layout.FAILURE_MARK} (exit status 1)\n")
+
+    from retrace.cli import main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["cells", "--configfile", str(cfg_path), "-d", str(tmp_path)]) == 0
+    rows = {ln.split()[1]: ln for ln in buf.getvalue().splitlines() if not ln.startswith("#")}
+    assert rows[done].split()[0] == "done"
+    assert rows[waiting].split()[0] == "failed" and fetch_log in rows[waiting]
+
+
 def test_cells_command_bad_config_is_one_message(tmp_path, capsys):
     from retrace.cli import main
 

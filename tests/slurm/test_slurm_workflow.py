@@ -2,10 +2,11 @@
 
 One tiny study, two runs:
 1. three cells: a CPU baseline, the same cell asking for GPUs of type a100 (fake GRES: sbatch --gpus=a100:2),
-   and a cell whose local reference has a corrupt step 0. With keep-going the two good cells finish; the
-   third fails, and `retrace cells` says so.
-2. after the reference is repaired, a plain rerun resubmits only the failed cell's jobs (its reference
-   fetch, train and compare) and completes the study (aggregate, report).
+   and a cell whose local reference has a corrupt step 0. With keep-going the baseline finishes; the
+   corrupt one fails, and so does the a100 cell: it gets its (fake) GPUs from SLURM but no CUDA, and a GPU
+   cell never trains on the CPU instead. `retrace cells` says so.
+2. after the reference is repaired and the a100 value dropped, a plain rerun resubmits only the failed
+   cell's jobs (its reference fetch, train and compare) and completes the study (aggregate, report).
 Then a dry run after adding a value to an axis schedules only the new cells.
 """
 
@@ -126,7 +127,7 @@ def test_study_on_slurm_with_a_failing_cell_and_a_rerun(slurm_cluster, tmp_path)
     assert len(cells) == 3
     broken = next(i for i, c in cells.items() if c.model.name == "tiny-broken")
     gpu_cell = next(i for i, c in cells.items() if c.gpu_type == "a100")
-    good = [i for i in cells if i != broken]
+    good = [i for i in cells if i not in (broken, gpu_cell)]
     wd = tmp_path / "wd"
 
     # 1. keep-going: the good cells finish, the broken one fails
@@ -135,23 +136,32 @@ def test_study_on_slurm_with_a_failing_cell_and_a_rerun(slurm_cluster, tmp_path)
     for cid in good:
         assert (wd / f"results/runs/{cid}/checkpoints/manifest.json").is_file(), log[-3000:]
         assert (wd / f"results/runs/{cid}/similarity.parquet").is_file(), log[-3000:]
-    assert not (wd / f"results/runs/{broken}/checkpoints/manifest.json").exists()
+    for cid in (broken, gpu_cell):
+        assert not (wd / f"results/runs/{cid}/checkpoints/manifest.json").exists()
     states = cell_states(wd, study_path)
-    assert states == {good[0]: "done", good[1]: "done", broken: "failed"}, states
+    assert states == {good[0]: "done", broken: "failed", gpu_cell: "failed"}, states
     jobs = jobs_of(log)
     assert sorted(submitted(log)) == ["compare", "order_maps", "train"]
-    assert sorted(jobs["train"]) == sorted(f"cell={c}" for c in cells)
+    # the corrupt cell's start checkpoint never stages, so its training is never submitted
+    assert sorted(jobs["train"]) == sorted(f"cell={c}" for c in cells if c != broken)
+    assert "cell=" + broken not in jobs["train"]
     assert all(j is None for j in jobs["fetch_reference"].values())  # fetches run locally
 
-    # the GPU-typed cell really asked SLURM for two a100 GPUs (fake GRES) and got them
+    # the GPU-typed cell really asked SLURM for two a100 GPUs (fake GRES) and got them, then refused the CPU
     job_id = jobs["train"][f"cell={gpu_cell}"]
     info = slurm_cluster.run("scontrol", "-d", "show", "job", job_id).stdout
     assert "TresPerJob=gres:gpu:a100:2" in info, info  # asked: sbatch --gpus=a100:2
     assert "JOB_GRES=gpu:a100:2" in info, info  # allocated: both fake GPUs
-    run_json = (wd / f"results/runs/{gpu_cell}/run.json").read_text()
-    assert f'"slurm_job_id": "{job_id}"' in run_json  # trained inside that allocation
+    train_log = (wd / f"results/logs/train/{gpu_cell}.log").read_text()
+    assert "--device cuda but no GPU is usable" in train_log and "never falls back to the CPU" in train_log
+    run_json = (wd / f"results/runs/{good[0]}/run.json").read_text()
+    assert f'"slurm_job_id": "{jobs["train"][f"cell={good[0]}"]}"' in run_json  # trained inside its allocation
 
-    # 2. repair the reference; a plain rerun resubmits only the failed cell's jobs
+    # 2. repair the reference, drop the a100 cell; a plain rerun resubmits only the failed cell's jobs
+    cfg["axes"]["gpu_type"] = ["cpu"]
+    study_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cells = {c.id: c for c in load_study(cfg, root=ROOT).cells()}
+    assert set(cells) == {good[0], broken}
     from retrace.checkpoints.hubcache import repo_folder
 
     shutil.rmtree(repo_folder(hub, "retrace-test/tiny-broken"))

@@ -6,7 +6,8 @@ States, decided in this order:
     ``checkpoints/manifest.json`` and ``similarity.parquet`` both exist.
 ``failed``
     the cell's train or compare log ends with the workflow's failure line (``FAILURE_MARK``, appended
-    by the rule when its command exits non-zero; a rerun starts a fresh log).
+    by the rule when its command exits non-zero; a rerun starts a fresh log), or so does the log of a
+    job the cell's training waits for (``upstream``: the fetch of its start checkpoint).
 ``running``
     Snakemake marks the cell's train or compare output incomplete (it does from a job's start to its
     end) and either a Snakemake lock is held in the directory or something of the cell (its run
@@ -24,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 from base64 import urlsafe_b64encode
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +80,12 @@ def _log_failed(path: Path) -> bool:
 
 
 def cell_state(cell: str, workdir: str | Path = ".", *, now: float | None = None,
-               recent: float = RECENT_SECONDS) -> CellState:
-    """The state of one cell, read from the files under ``workdir`` (see the module doc)."""
+               recent: float = RECENT_SECONDS, upstream: Sequence[str] = ()) -> CellState:
+    """The state of one cell, read from the files under ``workdir`` (see the module doc).
+
+    ``upstream``: logs (relative to ``workdir``) of the jobs the cell's training waits for; one that failed
+    fails the cell, since its own jobs never start.
+    """
     wd = Path(workdir)
     now = time.time() if now is None else now
     trained = (wd / manifest(cell)).is_file()
@@ -90,6 +96,9 @@ def cell_state(cell: str, workdir: str | Path = ".", *, now: float | None = None
     for lg in logs:
         if _log_failed(lg):
             return CellState(cell, "failed", f"see {lg.relative_to(wd)}")
+    for name in upstream:
+        if _log_failed(wd / name):
+            return CellState(cell, "failed", f"a job it waits for failed: see {name}")
     markers = [_incomplete_marker(wd, out) for out in (manifest(cell), similarity(cell))]
     incomplete = any(m.exists() for m in markers)
     if incomplete:

@@ -47,6 +47,13 @@ def train_command(cell: Cell) -> str:
     return "neox-run" if cell.engine == "neox" else "train"
 
 
+def start_fetch_logs(cell: Cell) -> list[str]:
+    """The logs of the jobs that stage a cell's start checkpoint (``fetch_reference``, references.smk)."""
+    if cell.engine == "neox":
+        return []
+    return [paths.log("fetch_reference", f"{cell.model.reference_key}/step{cell.model.start_step}")]
+
+
 def start_weights(cell: Cell) -> list[str]:
     """The staged start checkpoint a cell's train job reads (``fetch_reference``'s output); [] for engine neox."""
     if cell.engine == "neox":

@@ -10,7 +10,7 @@ rule fetch_reference:
     output:
         "resources/references/{repo}/step{step}.safetensors",
     log:
-        "results/logs/fetch_reference/{repo}/step{step}.log",
+        layout.log("fetch_reference", "{repo}/step{step}"),
     localrule: True
     conda:
         TOOLS_ENV

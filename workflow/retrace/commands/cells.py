@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from retrace.cell_state import RECENT_SECONDS, cell_state
+    from retrace.launch import start_fetch_logs
     from retrace.grid import load_study
 
     workdir = Path(args.directory)
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     recent = RECENT_SECONDS if args.recent is None else args.recent
     counts: Counter[str] = Counter()
     for cell in study.cells():
-        st = cell_state(cell.id, workdir, recent=recent)
+        st = cell_state(cell.id, workdir, recent=recent, upstream=start_fetch_logs(cell))
         counts[st.state] += 1
         if args.state and st.state not in args.state:
             continue

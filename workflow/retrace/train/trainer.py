@@ -39,6 +39,9 @@ from retrace.train import state as st
 from retrace.train.distributed import DistEnv, detect, launch_local
 from retrace.train.environment import environment  # noqa: F401 - re-exported (run.json's record)
 
+#: the shortest wait for every rank of a run to join the process group (seconds)
+RENDEZVOUS_TIMEOUT_S = 300.0
+
 
 class TrainingInterrupted(Exception):
     """A signal (SIGTERM/SIGUSR2/SIGINT) stopped training; the state at ``step`` was saved."""
@@ -242,8 +245,10 @@ class Trainer:
         self.save_group = None
         if self.env.world_size > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            # test hook: a collective timeout shorter than a save, to show the saves do not depend on it
-            pg_timeout = float(cfg.extra.get("pg_timeout_s") or self.save_timeout)
+            # The default group's timeout also bounds the rendezvous (ranks of one job start seconds apart on
+            # a busy node), so it never goes below RENDEZVOUS_TIMEOUT_S; saves wait in save_group instead.
+            # Test hook: a collective timeout shorter than a save, to show the saves do not depend on it.
+            pg_timeout = float(cfg.extra.get("pg_timeout_s") or max(self.save_timeout, RENDEZVOUS_TIMEOUT_S))
             torch.distributed.init_process_group(backend=backend, rank=self.env.rank,
                                                  world_size=self.env.world_size,
                                                  timeout=datetime.timedelta(seconds=pg_timeout))
