@@ -24,6 +24,7 @@ where every byte comes from the disk.
 
     python benchmarks/similarity.py               # ~1 GB per checkpoint (needs ~12 GB RAM for naive)
     python benchmarks/similarity.py --size-gb 0.1 # quick run
+    python benchmarks/similarity.py --smoke       # tiny pair, one run each: what the test suite runs
 """
 
 from __future__ import annotations
@@ -166,7 +167,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--cold", action="store_true", help="also time reads and retrace from a cold page cache")
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (default: the system's)")
+    ap.add_argument("--smoke", action="store_true", help="a ~4 MB pair, one run each: checks the script")
     args = ap.parse_args()
+    if args.smoke:
+        args.size_gb, args.repeat, args.naive_repeat = 0.004, 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
