@@ -15,8 +15,11 @@ cache (one untimed read first):
   naive        load all parameters (``safetensors.numpy.load_file``), flatten and concatenate into one
                float64 vector per side, then NumPy (BLAS) dot products a·a, b·b, a·b and (a−b)·(a−b).
   retrace      ``compare_sources(A, B)``: totals and every per-tensor row.
+  cat          ``cat A B > /dev/null`` in a subprocess: the floor of any command reading both files.
+  CLI          ``retrace compare A B --quiet`` in a subprocess, end to end (interpreter start-up, imports,
+               the comparison).
 
-Prints seconds, GB/s of checkpoint bytes, and the ratios naive/retrace and retrace/read.
+Prints seconds, GB/s of checkpoint bytes, and the ratios naive/retrace, retrace/read and CLI/cat.
 
 ``--cold`` also times the reads and retrace with the two files dropped from the page cache before each
 run (``posix_fadvise(DONTNEED)`` on these files only): the case of checkpoints larger than memory,
@@ -32,6 +35,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -150,6 +155,13 @@ def naive(pa, pb) -> tuple[float, float, float]:
     return ab / math.sqrt(aa * bb), 1.0 - ab / math.sqrt(aa * bb), math.sqrt(dd)
 
 
+def run_command(cmd: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "workflow")}
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    if r.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.decode(errors='replace')[-2000:]}")
+
+
 def best_of(fn, repeat: int):
     times, out = [], None
     for _ in range(repeat):
@@ -187,6 +199,10 @@ def main() -> None:
         t_mmap, _ = best_of(lambda: read_mmap(paths), args.repeat)
         t_raw = time_raw(paths, args.repeat)
         t_ret, res = best_of(lambda: compare_sources(str(pa), str(pb)), args.repeat)
+        cli = [sys.executable, "-m", "retrace", "compare", str(pa), str(pb), "--quiet"]
+        run_command(cli)  # untimed: a kernel compiled at first use is built here
+        t_cat, _ = best_of(lambda: run_command(["cat", str(pa), str(pb)]), args.repeat)
+        t_cli, _ = best_of(lambda: run_command(cli), args.repeat)
         t_naive, (cos_n, omc_n, l2_n) = best_of(lambda: naive(pa, pb), args.naive_repeat)
         if args.cold:
             c_mmap = min(cold(lambda: read_mmap(paths), paths)() for _ in range(args.repeat))
@@ -195,12 +211,15 @@ def main() -> None:
     gb = nbytes / 1e9
     print()
     print(f"{'':14s}{'seconds':>9s}{'GB/s':>8s}")
-    for label, t in (("read (mmap)", t_mmap), ("read (raw)", t_raw), ("naive numpy", t_naive), ("retrace", t_ret)):
+    for label, t in (("read (mmap)", t_mmap), ("read (raw)", t_raw), ("naive numpy", t_naive), ("retrace", t_ret),
+                     ("cat", t_cat), ("CLI", t_cli)):
         print(f"{label:14s}{t:9.3f}{gb / t:8.2f}")
     print()
     print(f"naive / retrace         {t_naive / t_ret:6.2f}x   (goal >= 3)")
     print(f"retrace / read (mmap)   {t_ret / t_mmap:6.2f}x   (goal <= 2; the baseline: same access path)")
     print(f"retrace / read (raw)    {t_ret / t_raw:6.2f}x   (for reference)")
+    print(f"retrace / cat (CLI)     {t_cli / t_cat:6.2f}x   (goal <= 3; `retrace compare A B --quiet` "
+          f"against `cat A B`, both end to end)")
     if args.cold:
         print()
         print(f"cold page cache: read (mmap) {c_mmap:.3f}s ({gb / c_mmap:.2f} GB/s), retrace {c_ret:.3f}s, "
