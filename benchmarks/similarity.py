@@ -175,7 +175,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0, help="size of each fp16 checkpoint (default 1.0)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement, best kept (default 3)")
-    ap.add_argument("--naive-repeat", type=int, default=2, help="runs of the naive pass (default 2)")
+    ap.add_argument("--naive-repeat", type=int, default=2, help="runs of the naive pass (default 2; 0 leaves it out: "
+                    "it needs 16 bytes per parameter)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--cold", action="store_true", help="also time reads and retrace from a cold page cache")
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (default: the system's)")
@@ -203,7 +204,8 @@ def main() -> None:
         run_command(cli)  # untimed: a kernel compiled at first use is built here
         t_cat, _ = best_of(lambda: run_command(["cat", str(pa), str(pb)]), args.repeat)
         t_cli, _ = best_of(lambda: run_command(cli), args.repeat)
-        t_naive, (cos_n, omc_n, l2_n) = best_of(lambda: naive(pa, pb), args.naive_repeat)
+        t_naive, (cos_n, omc_n, l2_n) = (best_of(lambda: naive(pa, pb), args.naive_repeat) if args.naive_repeat
+                                         else (math.nan, (math.nan, math.nan, math.nan)))
         if args.cold:
             c_mmap = min(cold(lambda: read_mmap(paths), paths)() for _ in range(args.repeat))
             c_ret = min(cold(lambda: compare_sources(str(pa), str(pb)), paths)() for _ in range(args.repeat))
