@@ -5,9 +5,9 @@ Pythia-410m's width with as many layers as the size allows) into a temporary dir
 afterwards, then times in the same process, each the best of ``--repeat`` runs with the files in the page
 cache (one untimed read first):
 
-  read (mmap)  every byte of both files read through the project's reader (``open_params(...).get``,
-               memory-mapped by safetensors) and copied chunk by chunk into one small reused buffer
-               on one thread: the same access path as retrace, computing nothing. This is the
+  read (mmap)  every byte of both files read through the reader retrace compare uses for them
+               (``NumpySafetensorsReader``: memory-mapped NumPy views) and copied chunk by chunk into
+               one small reused buffer on one thread: the same access path as retrace, computing nothing. This is the
                baseline for "retrace / read-through": it is the fair one, since retrace pays the same
                page faults.
   read (raw)   both files read with ``readinto`` into preallocated buffers: the fastest way to get the
@@ -44,8 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrace.checkpoints import open_params, save_params
-from retrace.compare.similarity import compare_sources
+from retrace.checkpoints import save_params
+from retrace.checkpoints.safetensors_np import NumpySafetensorsReader
+from retrace.compare.kernel import kernel_name
+from retrace.compare.similarity import compare_sources, default_workers
 from retrace.pythia.sizes import ModelConfig, pythia_config
 
 
@@ -100,13 +102,13 @@ def read_raw(paths, buffers) -> None:
 
 
 def read_mmap(paths, chunk: int = 1 << 21) -> None:
-    """Every byte of every tensor, as the reader hands it out, copied into one reused buffer by NumPy
-    (one thread: torch's copy would open an OpenMP region per chunk, which a busy machine stalls)."""
+    """Every byte of every tensor, as the reader retrace compare uses hands it out (memory-mapped NumPy
+    views), copied into one reused buffer by NumPy on one thread."""
     buf = np.empty(chunk, dtype=np.uint8)
     for p in paths:
-        with open_params(p) as r:
+        with NumpySafetensorsReader(p) as r:
             for name in r.names():
-                t = r.get(name).reshape(-1).view(torch.uint8).numpy()
+                t = r.get(name).reshape(-1).view(np.uint8)
                 for s in range(0, t.size, chunk):
                     part = t[s : s + chunk]
                     np.copyto(buf[: part.size], part)
@@ -194,7 +196,7 @@ def main() -> None:
         nbytes = sum(os.path.getsize(p) for p in paths)
         print(f"checkpoints: 2 x {nbytes / 2e9:.2f} GB fp16, {n:,} parameters each, "
               f"{len(model_config(int(args.size_gb * 1e9 / 2)).param_shapes())} tensors (written in {time.perf_counter() - t0:.1f}s)")
-        print(f"torch threads (= retrace's workers): {torch.get_num_threads()}, CPUs: {os.cpu_count()}")
+        print(f"retrace's workers: {default_workers()}, CPUs: {os.cpu_count()}, fp16 kernel: {kernel_name()}")
 
         read_mmap(paths)  # warm the page cache, untimed
         t_mmap, _ = best_of(lambda: read_mmap(paths), args.repeat)

@@ -30,7 +30,8 @@ NaN: ``max|a−b|`` is NaN exactly when Σ(a−b)² is (a NaN difference makes b
 negative, so no other NaN arises), which is how the C result is made to propagate NaN.
 
 The kernel is compiled at first use with the system ``cc``/``gcc`` (``-O3 -march=native``) into a
-per-user cache directory, keyed by the source, the compiler's version and the CPU's flags, and loaded
+per-user cache directory, keyed by the source, the compiler binary (path, size, mtime), the flags and
+the CPU's flags, and loaded
 with ctypes (which releases the GIL, so worker threads run in parallel). No compiler, a failed build or
 ``RETRACE_SIMILARITY_KERNEL=numpy`` give the NumPy fallback; nothing fails for want of gcc.
 """
@@ -191,16 +192,18 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per source, compiler and CPU), or None where it cannot be built."""
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled kernel (built once per source, compiler, flags and CPU), or None where it cannot be
+    built. ``extra_flags`` (tests: ``-mno-avx2`` builds the portable scalar loop) go after the defaults."""
     cc = _compiler()
     if cc is None:
         return None
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+    try:  # the compiler's identity without running it (this runs in every `retrace compare`)
+        st = os.stat(os.path.realpath(cc))
+    except OSError:
         return None
-    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-fast-math"]
+    version = f"{os.path.realpath(cc)} {st.st_size} {st.st_mtime_ns}"
+    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-fast-math", *extra_flags]
     key = hashlib.sha256("\0".join([_SOURCE, version, " ".join(flags), _cpu_flags(), platform.machine()])
                          .encode()).hexdigest()[:20]
     directory = _cache_dir()
@@ -252,6 +255,11 @@ def _c_sums(dll: ctypes.CDLL, a: np.ndarray, b: np.ndarray) -> Sums7:
 
 def numpy_sums(a: np.ndarray, b: np.ndarray, chunk: int = CHUNK) -> Sums7:
     """The NumPy fallback: float64 chunks, BLAS dot products, chunk sums combined with ``math.fsum``."""
+    with np.errstate(all="ignore"):  # inf/NaN propagate into the sums, as documented, without warnings
+        return _numpy_sums(a, b, chunk)
+
+
+def _numpy_sums(a: np.ndarray, b: np.ndarray, chunk: int) -> Sums7:
     n = a.size
     m0 = min(chunk, n)
     x, y, d, s, t = (np.empty(m0, dtype=np.float64) for _ in range(5))
