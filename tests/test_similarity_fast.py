@@ -127,28 +127,32 @@ def test_c_and_numpy_agree_within_the_bound_and_on_non_finite_values(monkeypatch
         assert [repr(v) for v in got] == [repr(v) for v in ref], (x, y)
 
 
-def test_portable_c_loop_matches_the_simd_one(tmp_path, monkeypatch):
-    """The scalar loop (built without AVX2/F16C, as on a CPU without them) gives the SIMD loop's sums."""
+def test_portable_and_avx2_loops_match_the_native_one(tmp_path, monkeypatch):
+    """The scalar loop (built without AVX2/F16C, as on a CPU without them), the AVX2 loop and the native
+    build (AVX-512 where the CPU has it) give the same sums within the bound, and the scalar loop converts
+    every fp16 bit pattern exactly."""
     if not HAS_CC:
         pytest.skip("no C compiler on this machine")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    scalar = kernel._build(("-mno-avx2", "-mno-f16c", "-mno-fma"))
-    simd = kernel._build()
-    assert scalar is not None and simd is not None
+    builds = {"scalar": kernel._build(("-mno-avx2", "-mno-f16c", "-mno-fma")),
+              "avx2": kernel._build(("-mno-avx512f",)), "native": kernel._build()}
+    assert all(dll is not None for dll in builds.values())
     a, b = awkward_fp16(20_011, 2)
-    outs = []
-    for dll in (scalar, simd):
+    outs, simd = {}, {}
+    for name, dll in builds.items():
         out = np.zeros(7)
-        outs.append(dll.retrace_f16_sums(a.view(np.uint16).ctypes.data, b.view(np.uint16).ctypes.data, a.size,
-                                         out.ctypes.data))
-        outs.append(out)
-    assert outs[0] == 0 and outs[2] in (0, 1)
-    for k in range(3):
-        assert outs[1][k] == pytest.approx(outs[3][k], rel=2 * C_BOUND)
-    assert outs[1][6] == outs[3][6]
+        simd[name] = dll.retrace_f16_sums(a.view(np.uint16).ctypes.data, b.view(np.uint16).ctypes.data, a.size,
+                                          out.ctypes.data)
+        outs[name] = out
+    assert simd["scalar"] == 0
+    exact = exact_sums(a, b)
+    for name, out in outs.items():
+        for k in range(3):
+            assert abs(Fraction(out[k]) - exact[k]) <= C_BOUND * exact[k], (name, k)
+        assert out[6] == outs["scalar"][6]
     every_half = np.arange(1 << 16, dtype=np.uint16)
     want = every_half.view(np.float16).astype(np.float64)
-    got = np.array([scalar.retrace_probe_half(int(h)) for h in every_half])
+    got = np.array([builds["scalar"].retrace_probe_half(int(h)) for h in every_half])
     assert np.array_equal(want, got, equal_nan=True)
 
 

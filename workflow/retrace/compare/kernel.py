@@ -4,14 +4,14 @@
 the same size (any float dtype NumPy has: fp16, fp32, fp64), with no torch import.
 
 The C kernel (fp16 × fp16 only, the dtype of every published Pythia checkpoint) reads each pair once:
-8 halves at a time converted to float64 (exact), difference and sum formed there (exact: fp16 values
-are multiples of 2⁻²⁴ below 2¹⁶, so a sum or difference of two needs at most 41 of float64's 53 bits),
-the four products accumulated with FMA in 8 float64 lanes over blocks of ``BLOCK`` elements, each
-block's lane totals added into Neumaier-compensated sums. Error bound of each returned non-negative sum
-(Σa², Σb², Σ(a−b)²), relative: every product is rounded once (u = 2⁻⁵³), a lane adds BLOCK/8 of them,
-8 lanes are added, and the compensated sum over blocks adds at most 2u, so
+8 halves at a time (16 with AVX-512) converted to float64 (exact), difference and sum formed there
+(exact: fp16 values are multiples of 2⁻²⁴ below 2¹⁶, so a sum or difference of two needs at most 41 of
+float64's 53 bits), the four products accumulated with FMA in L = 8 (16) float64 lanes over blocks of
+``BLOCK`` elements, each block's lane totals added into Neumaier-compensated sums. Error bound of each
+returned non-negative sum (Σa², Σb², Σ(a−b)²), relative: every product is rounded once (u = 2⁻⁵³), a
+lane adds BLOCK/L of them, the L lanes are added, and the compensated sum over blocks adds at most 2u:
 
-    δ_C ≤ (BLOCK/8 + 8 + 2) · u ≈ 74 u ≈ 8.2e-15   (BLOCK = 512),
+    δ_C ≤ (BLOCK/L + L + 2) · u ≤ (BLOCK/8 + 8 + 2) · u ≈ 74 u ≈ 8.2e-15   (BLOCK = 512),
 
 whatever the tensor's size; the signed sums (Σ(a−b)(a+b), Σa, Σb) have absolute error δ_C times the sum
 of the terms' magnitudes. (Hint followed and why it is not needed: a product of two fp16 values is exact
@@ -87,7 +87,51 @@ static double half_to_double(uint16_t h) {
 int retrace_f16_sums(const uint16_t *a, const uint16_t *b, int64_t n, double *out) {
     double tot[6] = {0}, comp[6] = {0}, mx = 0.0;
     int64_t i = 0;
-#ifdef RETRACE_SIMD
+#if defined(RETRACE_SIMD) && defined(__AVX512F__)
+    /* 16 halves at a time, two 8-lane float64 halves; blocks of BLOCK as below (16 lanes per sum) */
+    const __m512d sign = _mm512_set1_pd(-0.0);
+    __m512d vmx = _mm512_setzero_pd();
+    uint16_t ta[16], tb[16];
+    while (i < n) {
+        int64_t end = i + BLOCK < n ? i + BLOCK : n;
+        __m512d acc[6][2];
+        for (int k = 0; k < 6; k++) acc[k][0] = acc[k][1] = _mm512_setzero_pd();
+        for (; i < end; i += 16) {
+            __m256i ha, hb;
+            if (end - i >= 16) {
+                ha = _mm256_loadu_si256((const __m256i *)(a + i));
+                hb = _mm256_loadu_si256((const __m256i *)(b + i));
+            } else {
+                memset(ta, 0, sizeof ta); memset(tb, 0, sizeof tb);
+                memcpy(ta, a + i, (size_t)(end - i) * 2); memcpy(tb, b + i, (size_t)(end - i) * 2);
+                ha = _mm256_loadu_si256((const __m256i *)ta);
+                hb = _mm256_loadu_si256((const __m256i *)tb);
+            }
+            __m512 fa = _mm512_cvtph_ps(ha), fb = _mm512_cvtph_ps(hb);
+            for (int h = 0; h < 2; h++) {
+                __m512d x = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(fa, 1) : _mm512_castps512_ps256(fa));
+                __m512d y = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(fb, 1) : _mm512_castps512_ps256(fb));
+                __m512d d = _mm512_sub_pd(x, y), s = _mm512_add_pd(x, y);
+                acc[0][h] = _mm512_fmadd_pd(x, x, acc[0][h]);
+                acc[1][h] = _mm512_fmadd_pd(y, y, acc[1][h]);
+                acc[2][h] = _mm512_fmadd_pd(d, d, acc[2][h]);
+                acc[3][h] = _mm512_fmadd_pd(d, s, acc[3][h]);
+                acc[4][h] = _mm512_add_pd(x, acc[4][h]);
+                acc[5][h] = _mm512_add_pd(y, acc[5][h]);
+                vmx = _mm512_max_pd(vmx, _mm512_andnot_pd(sign, d));
+            }
+        }
+        for (int k = 0; k < 6; k++) {
+            double lane[8];
+            _mm512_storeu_pd(lane, _mm512_add_pd(acc[k][0], acc[k][1]));
+            add_comp(&tot[k], &comp[k], ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])));
+        }
+        i = end;
+    }
+    double lm[8];
+    _mm512_storeu_pd(lm, vmx);
+    for (int k = 0; k < 8; k++) mx = lm[k] > mx ? lm[k] : mx;
+#elif defined(RETRACE_SIMD)
     const __m256d sign = _mm256_set1_pd(-0.0);
     __m256d vmx = _mm256_setzero_pd();
     uint16_t ta[8], tb[8];

@@ -22,9 +22,10 @@ norms keeps its absolute error at δ·‖a−b‖². So the absolute error of ``
 — relative δ when the norms are close (near-identical checkpoints), never worse than δ absolute.
 What δ is: a float64 sum of m non-negative terms, in any order a BLAS may choose, has relative error
 at most (m − 1)·u with u = 2⁻⁵³ (Higham, *Accuracy and Stability of Numerical Algorithms*, §4.2); the
-dot products here run over at most ``CHUNK`` elements and the chunk sums are combined with
-``math.fsum`` (correctly rounded), so δ ≤ CHUNK·u ≈ 3e-11 on every CPU, and in practice (rounding errors
-of random sign) about √m·u ≈ 1e-14. The textbook formula's error is δ absolute instead, 1e-4 relative
+sums here run over at most ``CHUNK`` elements (torch's dot products, NumPy's pairwise sums) or over
+blocks of ``kernel.BLOCK`` with compensated block totals (the C kernel: δ ≤ 74u), and piece sums are
+combined with ``math.fsum`` (correctly rounded), so δ ≤ CHUNK·u ≈ 3e-11 on every CPU and every path, and
+in practice (rounding errors of random sign) about √m·u ≈ 1e-14. The textbook formula's error is δ absolute instead, 1e-4 relative
 at 1 − cos = 1e-12. tests/test_similarity.py checks both regimes against exact rational arithmetic.
 ``cos`` is then ``1 − (1 − cos)``. Identical inputs give exactly 0 (every difference is 0, and Σa² and Σb²
 are the same computation on the same values). Parallel vectors of different norms give a value within
