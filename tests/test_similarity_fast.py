@@ -233,3 +233,12 @@ def test_files_the_numpy_reader_declines_go_through_the_torch_reader(tmp_path):
     bad.write_bytes((tmp_path / "a.safetensors").read_bytes()[:-7])
     with pytest.raises(RetraceError, match="not a readable safetensors file"):
         compare_sources(str(bad), str(tmp_path / "b.safetensors"))
+
+
+def test_kernel_is_only_loaded_from_a_private_directory(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert not kernel._private(shared)  # anyone could plant a library there
+    shared.chmod(0o700)
+    assert kernel._private(shared)

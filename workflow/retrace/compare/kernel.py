@@ -30,9 +30,10 @@ NaN: ``max|a−b|`` is NaN exactly when Σ(a−b)² is (a NaN difference makes b
 negative, so no other NaN arises), which is how the C result is made to propagate NaN.
 
 The kernel is compiled at first use with the system ``cc``/``gcc`` (``-O3 -march=native``) into a
-per-user cache directory, keyed by the source, the compiler binary (path, size, mtime), the flags and
-the CPU's flags, and loaded
-with ctypes (which releases the GIL, so worker threads run in parallel). No compiler, a failed build or
+per-user cache directory (``$XDG_CACHE_HOME/retrace/kernels``, else a private one under the temp dir;
+only a directory this user owns and nobody else can write is used), keyed by the source, the compiler
+binary (path, size, mtime), the flags and the CPU's flags, and loaded with ctypes (which releases the
+GIL, so worker threads run in parallel). No compiler, a failed build, no private cache directory or
 ``RETRACE_SIMILARITY_KERNEL=numpy`` give the NumPy fallback; nothing fails for want of gcc.
 """
 
@@ -213,9 +214,22 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where a built kernel may live: the user's cache, else a private directory under the temp dir."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "retrace" / "kernels"
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return [Path(base) / "retrace" / "kernels", Path(tempfile.gettempdir()) / f"retrace-kernels-{uid}"]
+
+
+def _private(directory: Path) -> bool:
+    """Ours and writable by nobody else: a library loaded from it runs as this user."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = directory.stat()
+    except OSError:
+        return False
+    uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
+    return st.st_uid == uid and not st.st_mode & 0o022 and os.access(directory, os.W_OK)
 
 
 def _cpu_flags() -> str:
@@ -250,11 +264,12 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     flags = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-fast-math", *extra_flags]
     key = hashlib.sha256("\0".join([_SOURCE, version, " ".join(flags), _cpu_flags(), platform.machine()])
                          .encode()).hexdigest()[:20]
-    directory = _cache_dir()
+    directory = next((d for d in _cache_dirs() if _private(d)), None)
+    if directory is None:
+        return None
     lib = directory / f"similarity-{key}.so"
     try:
         if not lib.is_file():
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
                 src, out = Path(tmp) / "similarity.c", Path(tmp) / "similarity.so"
                 src.write_text(_SOURCE)
