@@ -335,7 +335,7 @@ def _numpy_sums(a: np.ndarray, b: np.ndarray, chunk: int) -> Sums7:
             col.append(float(np.multiply(u, v, out=tt).sum()))
         cols[4].append(float(xa.sum()))
         cols[5].append(float(yb.sum()))
-        cols[6].append(float(np.max(np.abs(dd, out=ss))))
+        cols[6].append(max(float(dd.max()), -float(dd.min())))  # NaN if any is (both are then); 5x abs+max
     if not n:
         return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     maxes = cols[6]
