@@ -83,7 +83,10 @@ def main() -> int:
     p.add_argument("--scale", type=float, default=1.0, help="scale documents and num_samples (quick runs)")
     p.add_argument("--slice", type=float, default=0.01, help="share of samples the Python loop builds")
     p.add_argument("--save", action="store_true", help="also time np.save of the maps (to a temporary dir)")
+    p.add_argument("--smoke", action="store_true", help="1e-5 of the Pile's size, with --save: checks the script")
     args = p.parse_args()
+    if args.smoke:
+        args.scale, args.slice, args.save = 1e-5, 0.05, True
 
     n_docs = int(args.docs * args.scale)
     num_samples = int(args.num_samples * args.scale)

@@ -5,9 +5,9 @@ Pythia-410m's width with as many layers as the size allows) into a temporary dir
 afterwards, then times in the same process, each the best of ``--repeat`` runs with the files in the page
 cache (one untimed read first):
 
-  read (mmap)  every byte of both files read through the project's reader (``open_params(...).get``,
-               memory-mapped by safetensors) and copied chunk by chunk into one small reused buffer
-               on one thread: the same access path as retrace, computing nothing. This is the
+  read (mmap)  every byte of both files read through the reader retrace compare uses for them
+               (``NumpySafetensorsReader``: memory-mapped NumPy views) and copied chunk by chunk into
+               one small reused buffer on one thread: the same access path as retrace, computing nothing. This is the
                baseline for "retrace / read-through": it is the fair one, since retrace pays the same
                page faults.
   read (raw)   both files read with ``readinto`` into preallocated buffers: the fastest way to get the
@@ -15,8 +15,11 @@ cache (one untimed read first):
   naive        load all parameters (``safetensors.numpy.load_file``), flatten and concatenate into one
                float64 vector per side, then NumPy (BLAS) dot products a·a, b·b, a·b and (a−b)·(a−b).
   retrace      ``compare_sources(A, B)``: totals and every per-tensor row.
+  cat          ``cat A B > /dev/null`` in a subprocess: the floor of any command reading both files.
+  CLI          ``retrace compare A B --quiet`` in a subprocess, end to end (interpreter start-up, imports,
+               the comparison).
 
-Prints seconds, GB/s of checkpoint bytes, and the ratios naive/retrace and retrace/read.
+Prints seconds, GB/s of checkpoint bytes, and the ratios naive/retrace, retrace/read and CLI/cat.
 
 ``--cold`` also times the reads and retrace with the two files dropped from the page cache before each
 run (``posix_fadvise(DONTNEED)`` on these files only): the case of checkpoints larger than memory,
@@ -24,6 +27,7 @@ where every byte comes from the disk.
 
     python benchmarks/similarity.py               # ~1 GB per checkpoint (needs ~12 GB RAM for naive)
     python benchmarks/similarity.py --size-gb 0.1 # quick run
+    python benchmarks/similarity.py --smoke       # tiny pair, one run each: what the test suite runs
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrace.checkpoints import open_params, save_params
-from retrace.compare.similarity import compare_sources
+from retrace.checkpoints import save_params
+from retrace.checkpoints.safetensors_np import NumpySafetensorsReader
+from retrace.compare.kernel import kernel_name
+from retrace.compare.similarity import compare_sources, default_workers
 from retrace.pythia.sizes import ModelConfig, pythia_config
 
 
@@ -94,13 +102,13 @@ def read_raw(paths, buffers) -> None:
 
 
 def read_mmap(paths, chunk: int = 1 << 21) -> None:
-    """Every byte of every tensor, as the reader hands it out, copied into one reused buffer by NumPy
-    (one thread: torch's copy would open an OpenMP region per chunk, which a busy machine stalls)."""
+    """Every byte of every tensor, as the reader retrace compare uses hands it out (memory-mapped NumPy
+    views), copied into one reused buffer by NumPy on one thread."""
     buf = np.empty(chunk, dtype=np.uint8)
     for p in paths:
-        with open_params(p) as r:
+        with NumpySafetensorsReader(p) as r:
             for name in r.names():
-                t = r.get(name).reshape(-1).view(torch.uint8).numpy()
+                t = r.get(name).reshape(-1).view(np.uint8)
                 for s in range(0, t.size, chunk):
                     part = t[s : s + chunk]
                     np.copyto(buf[: part.size], part)
@@ -149,6 +157,13 @@ def naive(pa, pb) -> tuple[float, float, float]:
     return ab / math.sqrt(aa * bb), 1.0 - ab / math.sqrt(aa * bb), math.sqrt(dd)
 
 
+def run_command(cmd: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "workflow")}
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    if r.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.decode(errors='replace')[-2000:]}")
+
+
 def best_of(fn, repeat: int):
     times, out = [], None
     for _ in range(repeat):
@@ -162,11 +177,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0, help="size of each fp16 checkpoint (default 1.0)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement, best kept (default 3)")
-    ap.add_argument("--naive-repeat", type=int, default=2, help="runs of the naive pass (default 2)")
+    ap.add_argument("--naive-repeat", type=int, default=2, help="runs of the naive pass (default 2; 0 leaves it out: "
+                    "it needs 16 bytes per parameter)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--cold", action="store_true", help="also time reads and retrace from a cold page cache")
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (default: the system's)")
+    ap.add_argument("--smoke", action="store_true", help="a ~4 MB pair, one run each: checks the script")
     args = ap.parse_args()
+    if args.smoke:
+        args.size_gb, args.repeat, args.naive_repeat = 0.004, 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -177,13 +196,18 @@ def main() -> None:
         nbytes = sum(os.path.getsize(p) for p in paths)
         print(f"checkpoints: 2 x {nbytes / 2e9:.2f} GB fp16, {n:,} parameters each, "
               f"{len(model_config(int(args.size_gb * 1e9 / 2)).param_shapes())} tensors (written in {time.perf_counter() - t0:.1f}s)")
-        print(f"torch threads (= retrace's workers): {torch.get_num_threads()}, CPUs: {os.cpu_count()}")
+        print(f"retrace's workers: {default_workers()}, CPUs: {os.cpu_count()}, fp16 kernel: {kernel_name()}")
 
         read_mmap(paths)  # warm the page cache, untimed
         t_mmap, _ = best_of(lambda: read_mmap(paths), args.repeat)
         t_raw = time_raw(paths, args.repeat)
         t_ret, res = best_of(lambda: compare_sources(str(pa), str(pb)), args.repeat)
-        t_naive, (cos_n, omc_n, l2_n) = best_of(lambda: naive(pa, pb), args.naive_repeat)
+        cli = [sys.executable, "-m", "retrace", "compare", str(pa), str(pb), "--quiet"]
+        run_command(cli)  # untimed: a kernel compiled at first use is built here
+        t_cat, _ = best_of(lambda: run_command(["cat", str(pa), str(pb)]), args.repeat)
+        t_cli, _ = best_of(lambda: run_command(cli), args.repeat)
+        t_naive, (cos_n, omc_n, l2_n) = (best_of(lambda: naive(pa, pb), args.naive_repeat) if args.naive_repeat
+                                         else (math.nan, (math.nan, math.nan, math.nan)))
         if args.cold:
             c_mmap = min(cold(lambda: read_mmap(paths), paths)() for _ in range(args.repeat))
             c_ret = min(cold(lambda: compare_sources(str(pa), str(pb)), paths)() for _ in range(args.repeat))
@@ -191,12 +215,15 @@ def main() -> None:
     gb = nbytes / 1e9
     print()
     print(f"{'':14s}{'seconds':>9s}{'GB/s':>8s}")
-    for label, t in (("read (mmap)", t_mmap), ("read (raw)", t_raw), ("naive numpy", t_naive), ("retrace", t_ret)):
+    for label, t in (("read (mmap)", t_mmap), ("read (raw)", t_raw), ("naive numpy", t_naive), ("retrace", t_ret),
+                     ("cat", t_cat), ("CLI", t_cli)):
         print(f"{label:14s}{t:9.3f}{gb / t:8.2f}")
     print()
     print(f"naive / retrace         {t_naive / t_ret:6.2f}x   (goal >= 3)")
     print(f"retrace / read (mmap)   {t_ret / t_mmap:6.2f}x   (goal <= 2; the baseline: same access path)")
     print(f"retrace / read (raw)    {t_ret / t_raw:6.2f}x   (for reference)")
+    print(f"retrace / cat (CLI)     {t_cli / t_cat:6.2f}x   (goal <= 3; `retrace compare A B --quiet` "
+          f"against `cat A B`, both end to end)")
     if args.cold:
         print()
         print(f"cold page cache: read (mmap) {c_mmap:.3f}s ({gb / c_mmap:.2f} GB/s), retrace {c_ret:.3f}s, "

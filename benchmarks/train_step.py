@@ -173,7 +173,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-compare", action="store_true", help="time retrace only (no transformers baseline)")
     p.add_argument("--checkpoint-activations", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (H100 SXM dense fp16/bf16)")
+    p.add_argument("--smoke", action="store_true", help="tiny shape, seq 16, one timed step: checks the script")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.shape, args.seq, args.batch, args.steps, args.rounds, args.warmup = "tiny", 16, 2, 1, 1, 1
+        args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
     r = measure(shape=args.shape, seq=args.seq, batch=args.batch, gas=args.gas, precision=args.precision,

@@ -15,21 +15,29 @@ from retrace import __version__, commands
 from retrace.errors import RetraceError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command, or only with command ``only`` when a module of that name exists
+    (``compare-run`` lives in ``compare_run.py``): a command then imports nothing of the others, which
+    is a third of ``retrace compare``'s start-up."""
     parser = argparse.ArgumentParser(
         prog="retrace",
         description="Reproduce published LLM pretraining runs and measure the distance to the published checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"retrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+    infos = sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name)
+    if only is not None:
+        infos = [m for m in infos if m.name == only.replace("-", "_")] or infos
+    for info in infos:
         module = importlib.import_module(f"retrace.commands.{info.name}")
         module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -12,73 +12,68 @@
 Canonical names are the Hugging Face ``GPTNeoXForCausalLM`` keys; buffers are dropped by suffix.
 Hub files are verified against their recorded hashes, failing closed (``trust``). Pickles are only
 ever read with ``torch.load(weights_only=True)``, and not at all under a torch with a known bypass.
+
+The names below are imported on first use (PEP 562), so that ``retrace.checkpoints.names`` and
+``retrace.checkpoints.safetensors_np`` can be imported without torch (``retrace compare`` on two
+safetensors files runs torch-free).
 """
 
-from retrace.checkpoints.base import BUFFER_SUFFIXES, DictReader, ParamReader, is_buffer_name
-from retrace.checkpoints.hf import SafetensorsReader, TorchBinReader
-from retrace.checkpoints.hub import HubSnapshot, resolve_hub
-from retrace.checkpoints.hubcache import publish_dir_to_hub_cache, publish_to_hub_cache
-from retrace.checkpoints.names import canonical_hf_name, canonical_order
-from retrace.checkpoints.neox import (
-    NeoXReader,
-    hf_config_from_neox,
-    load_client_state,
-    load_neox_yaml,
-    load_zero_optimizer_state,
-    zero_optimizer_files,
-)
-from retrace.checkpoints.record import ReferenceRecord, read_reference_record, reference_metadata
-from retrace.checkpoints.save import save_params
-from retrace.checkpoints.sources import (
-    Source,
-    check_fits,
-    load_params,
-    open_config,
-    open_local,
-    open_params,
-    parse_source,
-    start_source,
-)
-from retrace.checkpoints.torchload import OpaqueObject, safe_torch_load
-from retrace.checkpoints.trust import ALLOW_UNSAFE_PICKLE_ENV, ALLOW_UNVERIFIED_ENV, verify_mode
-from retrace.hubenv import hub_cache_dir, hub_offline
+from __future__ import annotations
 
-__all__ = [
-    "ALLOW_UNSAFE_PICKLE_ENV",
-    "ALLOW_UNVERIFIED_ENV",
-    "BUFFER_SUFFIXES",
-    "DictReader",
-    "HubSnapshot",
-    "NeoXReader",
-    "OpaqueObject",
-    "ParamReader",
-    "ReferenceRecord",
-    "SafetensorsReader",
-    "Source",
-    "TorchBinReader",
-    "canonical_hf_name",
-    "canonical_order",
-    "check_fits",
-    "hf_config_from_neox",
-    "hub_cache_dir",
-    "hub_offline",
-    "is_buffer_name",
-    "load_client_state",
-    "load_neox_yaml",
-    "load_params",
-    "load_zero_optimizer_state",
-    "open_config",
-    "open_local",
-    "open_params",
-    "parse_source",
-    "publish_dir_to_hub_cache",
-    "publish_to_hub_cache",
-    "read_reference_record",
-    "reference_metadata",
-    "resolve_hub",
-    "safe_torch_load",
-    "save_params",
-    "start_source",
-    "verify_mode",
-    "zero_optimizer_files",
-]
+import importlib
+
+#: public name → the module that defines it
+_WHERE = {
+    "ALLOW_UNSAFE_PICKLE_ENV": "retrace.checkpoints.trust",
+    "ALLOW_UNVERIFIED_ENV": "retrace.checkpoints.trust",
+    "BUFFER_SUFFIXES": "retrace.checkpoints.names",
+    "DictReader": "retrace.checkpoints.base",
+    "HubSnapshot": "retrace.checkpoints.hub",
+    "NeoXReader": "retrace.checkpoints.neox",
+    "OpaqueObject": "retrace.checkpoints.torchload",
+    "ParamReader": "retrace.checkpoints.base",
+    "ReferenceRecord": "retrace.checkpoints.record",
+    "SafetensorsReader": "retrace.checkpoints.hf",
+    "Source": "retrace.checkpoints.sources",
+    "TorchBinReader": "retrace.checkpoints.hf",
+    "canonical_hf_name": "retrace.checkpoints.names",
+    "canonical_order": "retrace.checkpoints.names",
+    "check_fits": "retrace.checkpoints.sources",
+    "hf_config_from_neox": "retrace.checkpoints.neox",
+    "hub_cache_dir": "retrace.hubenv",
+    "hub_offline": "retrace.hubenv",
+    "is_buffer_name": "retrace.checkpoints.names",
+    "load_client_state": "retrace.checkpoints.neox",
+    "load_neox_yaml": "retrace.checkpoints.neox",
+    "load_params": "retrace.checkpoints.sources",
+    "load_zero_optimizer_state": "retrace.checkpoints.neox",
+    "open_config": "retrace.checkpoints.sources",
+    "open_local": "retrace.checkpoints.sources",
+    "open_params": "retrace.checkpoints.sources",
+    "parse_source": "retrace.checkpoints.sources",
+    "publish_dir_to_hub_cache": "retrace.checkpoints.hubcache",
+    "publish_to_hub_cache": "retrace.checkpoints.hubcache",
+    "read_reference_record": "retrace.checkpoints.record",
+    "reference_metadata": "retrace.checkpoints.record",
+    "resolve_hub": "retrace.checkpoints.hub",
+    "safe_torch_load": "retrace.checkpoints.torchload",
+    "save_params": "retrace.checkpoints.save",
+    "start_source": "retrace.checkpoints.sources",
+    "verify_mode": "retrace.checkpoints.trust",
+    "zero_optimizer_files": "retrace.checkpoints.neox",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

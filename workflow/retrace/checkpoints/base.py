@@ -12,14 +12,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-# Persistent buffers of 2023-era GPT-NeoX checkpoints: not parameters, never compared or trained.
-# Matched by suffix only: a loose "bias" match would also drop real dense/query_key_value biases.
-BUFFER_SUFFIXES = (".attention.bias", ".masked_bias", "inv_freq")
-
-
-def is_buffer_name(name: str) -> bool:
-    """True for non-parameter tensors (causal mask, masked_bias, rotary inv_freq)."""
-    return name.endswith(BUFFER_SUFFIXES)
+from retrace.checkpoints.names import BUFFER_SUFFIXES, is_buffer_name  # noqa: F401 - re-exported
 
 
 class ParamReader(abc.ABC):

@@ -11,7 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from retrace.checkpoints.base import is_buffer_name
+# Persistent buffers of 2023-era GPT-NeoX checkpoints: not parameters, never compared or trained.
+# Matched by suffix only: a loose "bias" match would also drop real dense/query_key_value biases.
+BUFFER_SUFFIXES = (".attention.bias", ".masked_bias", "inv_freq")
+
+
+def is_buffer_name(name: str) -> bool:
+    """True for non-parameter tensors (causal mask, masked_bias, rotary inv_freq)."""
+    return name.endswith(BUFFER_SUFFIXES)
 
 #: Hugging Face keys that are the same parameter under another name.
 HF_ALIASES = {"lm_head.weight": "embed_out.weight"}

@@ -2,7 +2,8 @@
 
 For every checkpoint listed in ``<run>/checkpoints/manifest.json`` (written last by ``retrace train``,
 so a run without it is not finished), the reproduction's parameters are compared with the published
-ones of the same step by ``retrace.compare.similarity.compare_params`` (float64, streamed tensor by tensor).
+ones of the same step by ``retrace.compare.similarity.compare_sources`` (float64, streamed tensor by tensor;
+two local safetensors files memory-mapped and summed without torch).
 The published step is read from ``<reference_dir>/step{N}.safetensors`` when a reference directory is
 given (the workflow fetches each (repo, step) once into resources/references/<repo>/ and every cell
 shares it), else opened as ``<reference>@step{N}`` through ``retrace.checkpoints.open_params``.
@@ -66,16 +67,14 @@ def compare_run(
     log: Callable[[str], None] = print,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Compare every checkpoint of ``run`` with the published one; returns (per-step, per-tensor) frames."""
-    from retrace.checkpoints import open_params
-    from retrace.compare.similarity import compare_params
+    from retrace.compare.similarity import compare_sources
 
     entries = load_manifest(run)
     sources = [(step, ckpt, reference_source(reference, reference_dir, step)) for step, ckpt in entries]
     rows, tensor_frames = [], []
     for i, (step, ckpt, ref) in enumerate(sources, 1):
         t0 = time.perf_counter()
-        with open_params(str(ckpt)) as a, open_params(ref) as b:
-            result = compare_params(a, b)
+        result = compare_sources(str(ckpt), ref)  # two local safetensors files: the torch-free fast path
         rows.append({"step": step, **{m: getattr(result, m) for m in METRICS}})
         tf = result.tensor_frame().rename(columns={"name": "tensor"})
         tf.insert(0, "step", step)

@@ -22,9 +22,10 @@ norms keeps its absolute error at δ·‖a−b‖². So the absolute error of ``
 — relative δ when the norms are close (near-identical checkpoints), never worse than δ absolute.
 What δ is: a float64 sum of m non-negative terms, in any order a BLAS may choose, has relative error
 at most (m − 1)·u with u = 2⁻⁵³ (Higham, *Accuracy and Stability of Numerical Algorithms*, §4.2); the
-dot products here run over at most ``CHUNK`` elements and the chunk sums are combined with
-``math.fsum`` (correctly rounded), so δ ≤ CHUNK·u ≈ 3e-11 on every CPU, and in practice (rounding errors
-of random sign) about √m·u ≈ 1e-14. The textbook formula's error is δ absolute instead, 1e-4 relative
+sums here run over at most ``CHUNK`` elements (torch's dot products, NumPy's pairwise sums) or over
+blocks of ``kernel.BLOCK`` with compensated block totals (the C kernel: δ ≤ 74u), and piece sums are
+combined with ``math.fsum`` (correctly rounded), so δ ≤ CHUNK·u ≈ 3e-11 on every CPU and every path, and
+in practice (rounding errors of random sign) about √m·u ≈ 1e-14. The textbook formula's error is δ absolute instead, 1e-4 relative
 at 1 − cos = 1e-12. tests/test_similarity.py checks both regimes against exact rational arithmetic.
 ``cos`` is then ``1 − (1 − cos)``. Identical inputs give exactly 0 (every difference is 0, and Σa² and Σb²
 are the same computation on the same values). Parallel vectors of different norms give a value within
@@ -36,10 +37,15 @@ bits (< 53). They are *not* exact in float32 in general — 1024 − 2⁻²⁴ n
 part of the computation runs in float32. For fp32/bf16 inputs the float64 difference is exact or
 correctly rounded (relative error ≤ 2⁻⁵³ per term), which is all a sum of squares needs.
 
-Memory and speed. Each tensor pair is read once and walked in chunks of ``CHUNK`` elements that are
-converted into four reused float64 buffers (a, b, a−b, a+b; 2 MiB each, so they stay in cache), on which
-BLAS dot products (``torch.dot``) and one-pass reductions run. Pieces of ``TASK`` elements are summed
-on one thread per core (``_Workers``). Peak memory is a few tensor pairs in their stored dtype
+Memory and speed. Two safetensors files of fp16/fp32/fp64 tensors (every published Pythia checkpoint)
+are memory-mapped as NumPy arrays (``retrace.checkpoints.safetensors_np``: no torch import, nothing
+copied) and each fp16 pair is summed in one fused pass by a small C kernel compiled at first use, or
+chunk by chunk in NumPy where no compiler is (``retrace.compare.kernel``, which states both error
+bounds: δ ≤ 74u for the kernel, δ ≤ CHUNK·u for NumPy, so the bound above holds on either path). Other
+sources (directories, .bin, the Hub, bf16) are read as torch tensors and walked in chunks of ``CHUNK``
+elements converted into four reused float64 buffers (a, b, a−b, a+b; 2 MiB each, so they stay in
+cache), on which BLAS dot products (``torch.dot``) and one-pass reductions run. Either way, pieces of
+``TASK`` elements are summed on one thread per core (``_Workers``). Peak memory is a few tensor pairs in their stored dtype
 (memory-mapped pages for safetensors files) plus those buffers: the largest pair of a 12B model (its
 50688×5120 embeddings in fp16) is about 1 GB. benchmarks/similarity.py measures the speed against a
 naive float64 NumPy pass and against plain reading of the same files. (Paging the next pair in ahead
@@ -63,30 +69,34 @@ Conventions (also in the per-tensor rows):
 from __future__ import annotations
 
 import math
+import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
+import numpy as np
 
-from retrace.checkpoints.base import DictReader, ParamReader
+from retrace.compare import kernel
 from retrace.errors import RetraceError
 from retrace.io import json_safe
 
-#: Elements per float64 chunk: three 2 MiB buffers that stay in the CPU cache.
-CHUNK = 1 << 18
+#: Elements per float64 chunk: four 2 MiB buffers that stay in the CPU cache.
+CHUNK = kernel.CHUNK
 #: Elements per task handed to a worker thread. Tensors are always split at these boundaries, so the
 #: result does not depend on the number of workers.
 TASK = 16 * CHUNK
 
-ParamSource = ParamReader | Mapping[str, torch.Tensor]
+#: A ParamReader (or any reader with its methods, e.g. ``NumpySafetensorsReader``) or a mapping
+#: name → tensor (torch or NumPy). Spelled loosely so that importing this module imports no torch.
+ParamSource = Any
 #: ``progress(name, done, total)``: called after each tensor, with parameter (element) counts.
 Progress = Callable[[str, int, int], Any]
 
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class _Sums(NamedTuple):
@@ -249,22 +259,30 @@ class _Workspace:
 
     def __init__(self, chunk: int = CHUNK):
         self.chunk = chunk
-        self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._buffers: dict = {}
 
-    def get(self, device: torch.device) -> torch.Tensor:
+    def get(self, device):
+        import torch
+
         buf = self._buffers.get(device)
         if buf is None:
             buf = self._buffers[device] = torch.empty(4, self.chunk, dtype=torch.float64, device=device)
         return buf
 
 
-def tensor_sums(a: torch.Tensor, b: torch.Tensor, workspace: _Workspace | None = None) -> _Sums:
+def tensor_sums(a, b, workspace: _Workspace | None = None) -> _Sums:
     """The float64 sums of one tensor pair (same number of elements), chunk by chunk.
 
-    Each chunk is converted into float64 buffers (exact for fp16/bf16/fp32), its difference formed
-    there, and the sums taken with BLAS dot products and one-pass reductions; per-chunk results are
-    combined with ``math.fsum`` (correctly rounded).
+    NumPy arrays go to ``kernel.pair_sums``. torch tensors: each chunk is converted into float64
+    buffers (exact for fp16/bf16/fp32), its difference formed there, and the sums taken with BLAS dot
+    products and one-pass reductions; per-chunk results are combined with ``math.fsum`` (correctly
+    rounded).
     """
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return _Sums(a.size, *kernel.pair_sums(a.reshape(-1), b.reshape(-1)))
+    import torch
+
+    a, b = _as_torch(a), _as_torch(b)
     ws = workspace or _Workspace()
     a = a.detach().reshape(-1)
     b = b.detach().reshape(-1)
@@ -303,6 +321,13 @@ def tensor_sums(a: torch.Tensor, b: torch.Tensor, workspace: _Workspace | None =
     return _Sums(n, *(math.fsum(c) for c in cols[:6]), _nanmax([*cols[7], *(-v for v in cols[6])]))
 
 
+def _as_torch(t):
+    """A NumPy array as a torch tensor (a reader of one kind against a mapping of the other)."""
+    import torch
+
+    return torch.from_numpy(np.array(t)) if isinstance(t, np.ndarray) else t
+
+
 def _nanmax(values) -> float:
     """max() that returns NaN if any value is NaN (the builtin may silently skip one)."""
     values = list(values)
@@ -315,6 +340,36 @@ def _combine(parts: list[_Sums]) -> _Sums:
         return parts[0]
     fields = list(zip(*parts, strict=True))
     return _Sums(sum(fields[0]), *(math.fsum(f) for f in fields[1:7]), _nanmax(fields[7]))
+
+
+def _one_torch_thread() -> None:
+    """A worker thread's torch runs one intra-op thread (only where torch is in use at all)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+def _flat(t):
+    return t.reshape(-1) if isinstance(t, np.ndarray) else t.detach().reshape(-1)
+
+
+def _numel(t) -> int:
+    return t.size if isinstance(t, np.ndarray) else t.numel()
+
+
+def _dtype_name(t) -> str:
+    return t.dtype.name if isinstance(t, np.ndarray) else str(t.dtype).removeprefix("torch.")
+
+
+def default_workers() -> int:
+    """torch's intra-op thread count where torch is loaded, else the CPUs this process may use."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class _Workers:
@@ -333,22 +388,21 @@ class _Workers:
         self.n = max(1, n)
         self._local = threading.local()
         self._pool = (
-            ThreadPoolExecutor(self.n, initializer=torch.set_num_threads, initargs=(1,),
-                               thread_name_prefix="retrace-similarity")
+            ThreadPoolExecutor(self.n, initializer=_one_torch_thread, thread_name_prefix="retrace-similarity")
             if self.n > 1 else None
         )
 
-    def _sums(self, a: torch.Tensor, b: torch.Tensor) -> _Sums:
+    def _sums(self, a, b) -> _Sums:
         ws = getattr(self._local, "ws", None)
         if ws is None:
             ws = self._local.ws = _Workspace()
         return tensor_sums(a, b, ws)
 
-    def submit(self, a: torch.Tensor, b: torch.Tensor) -> list[Future]:
+    def submit(self, a, b) -> list[Future]:
         """Futures of the sums of each piece of the pair (already done when inline)."""
-        a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+        a, b = _flat(a), _flat(b)
         futures = []
-        for start in range(0, max(a.numel(), 1), TASK):
+        for start in range(0, max(_numel(a), 1), TASK):
             pa, pb = a[start : start + TASK], b[start : start + TASK]
             if self._pool is not None:
                 futures.append(self._pool.submit(self._sums, pa, pb))
@@ -363,10 +417,17 @@ class _Workers:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _bitwise_equal(a, b) -> bool:
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(
+            a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
+    import torch
+
+    a, b = _as_torch(a), _as_torch(b)
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    view = _INT_VIEW.get(a.element_size()) if a.is_floating_point() else None
+    int_view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    view = int_view.get(a.element_size()) if a.is_floating_point() else None
     if view is None:
         return torch.equal(a, b)
     return torch.equal(a.contiguous().view(view), b.contiguous().view(view).to(a.device))
@@ -379,7 +440,7 @@ def _std(s: float, ss: float, n: int) -> float:
     return math.sqrt(max(ss / n - mean * mean, 0.0))
 
 
-def _tensor_row(name: str, a: torch.Tensor, b: torch.Tensor, s: _Sums) -> TensorSimilarity:
+def _tensor_row(name: str, a, b, s: _Sums) -> TensorSimilarity:
     omc = one_minus_cos_from_sums(s.saa, s.sbb, s.sdd, s.sds)
     # Identical values give Σ(a−b)² = 0; only then are the bytes worth comparing (NaN too).
     equal = False if s.sdd > 0 else _bitwise_equal(a, b)
@@ -388,8 +449,8 @@ def _tensor_row(name: str, a: torch.Tensor, b: torch.Tensor, s: _Sums) -> Tensor
         name=name,
         shape=tuple(a.shape),
         numel=s.n,
-        dtype_a=str(a.dtype).removeprefix("torch."),
-        dtype_b=str(b.dtype).removeprefix("torch."),
+        dtype_a=_dtype_name(a),
+        dtype_b=_dtype_name(b),
         cos=1.0 - omc,
         one_minus_cos=omc,
         l2=math.sqrt(s.sdd),
@@ -407,12 +468,36 @@ def _tensor_row(name: str, a: torch.Tensor, b: torch.Tensor, s: _Sums) -> Tensor
 # Whole parameter sets
 
 
-def _as_reader(src: ParamSource, label: str) -> ParamReader:
-    if isinstance(src, ParamReader):
-        return src
+def _as_reader(src: ParamSource, label: str):
+    if all(callable(getattr(src, m, None)) for m in ("names", "shape", "get")) and hasattr(src, "source"):
+        return src  # a ParamReader, or a reader with its methods (NumpySafetensorsReader)
     if isinstance(src, Mapping):
+        if all(isinstance(v, np.ndarray) for v in src.values()):
+            return _ArrayReader(src, f"<{label}: in-memory parameters>")
+        from retrace.checkpoints.base import DictReader
+
         return DictReader(src, source=f"<{label}: in-memory parameters>")
     raise TypeError(f"expected a ParamReader or a mapping of name -> tensor for {label}, got {type(src).__name__}")
+
+
+class _ArrayReader:
+    """A mapping name → NumPy array as a reader (buffers skipped, canonical order), without torch."""
+
+    def __init__(self, params: Mapping[str, np.ndarray], source: str):
+        from retrace.checkpoints.names import canonical_hf_name, canonical_order
+
+        self.source = source
+        self._params = {canonical_hf_name(k): v for k, v in params.items() if canonical_hf_name(k) is not None}
+        self._names = canonical_order(self._params)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._params[name].shape)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._params[name]
 
 
 def _preview(items: list[str], limit: int = 8) -> str:
@@ -420,7 +505,7 @@ def _preview(items: list[str], limit: int = 8) -> str:
     return shown + (f", … (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _mismatch_message(ra: ParamReader, rb: ParamReader, only_a, only_b, shapes) -> str:
+def _mismatch_message(ra, rb, only_a, only_b, shapes) -> str:
     parts = []
     if only_a:
         parts.append(f"only in A ({len(only_a)}): {_preview(only_a)}")
@@ -451,7 +536,7 @@ def compare_params(
     ``intersection=True``, which compares the names present on both sides with equal shapes and
     records the rest in ``only_in_a``/``only_in_b``/``shape_mismatch``. Tensors are visited in A's
     order, a few pairs in memory at a time, and summed on ``workers`` threads (default: torch's
-    intra-op thread count, i.e. the cores; see ``_Workers``). The result does not depend on
+    intra-op thread count where torch is loaded, else the usable CPUs; see ``_Workers``). The result does not depend on
     ``workers``. ``progress(name, done, total)`` is called after each tensor (element counts).
     """
     ra, rb = _as_reader(a, "A"), _as_reader(b, "B")
@@ -473,8 +558,8 @@ def compare_params(
     rows: list[TensorSimilarity] = []
     sums: list[_Sums] = []
     done = 0
-    pool = _Workers(torch.get_num_threads() if workers is None else workers)
-    pending: deque[tuple[str, torch.Tensor, torch.Tensor, list[Future]]] = deque()
+    pool = _Workers(default_workers() if workers is None else workers)
+    pending: deque[tuple[str, Any, Any, list[Future]]] = deque()
 
     def finish_oldest() -> None:
         nonlocal done
@@ -526,8 +611,36 @@ def compare_params(
 
 def compare_sources(a: str, b: str, **kwargs: Any) -> SimilarityResult:
     """``compare_params`` on two sources opened with ``retrace.checkpoints.open_params``
-    (a safetensors/.bin file, an HF or NeoX directory, a hub ``repo@stepN``)."""
+    (a safetensors/.bin file, an HF or NeoX directory, a hub ``repo@stepN``).
+
+    Two local ``.safetensors`` files that ``NumpySafetensorsReader`` takes (fp16/fp32/fp64) are read
+    as memory-mapped NumPy arrays instead, without importing torch; any other pair, or a file that
+    reader declines, goes through ``open_params`` (same figures within the bound in the module
+    docstring, and its error messages).
+    """
+    fast = _open_numpy_pair(a, b)
+    if fast is not None:
+        with fast[0] as ra, fast[1] as rb:
+            return compare_params(ra, rb, **kwargs)
     from retrace.checkpoints import open_params
 
     with open_params(a) as ra, open_params(b) as rb:
         return compare_params(ra, rb, **kwargs)
+
+
+def _open_numpy_pair(a: str, b: str):
+    """Both sources as ``NumpySafetensorsReader``s, or None (then ``open_params`` reads them)."""
+    if not all(str(s).endswith(".safetensors") and Path(s).is_file() for s in (a, b)):
+        return None
+    from retrace.checkpoints.safetensors_np import NotReadableHere, NumpySafetensorsReader
+
+    try:
+        ra = NumpySafetensorsReader(a)
+    except NotReadableHere:
+        return None
+    try:
+        rb = NumpySafetensorsReader(b)
+    except NotReadableHere:
+        ra.close()
+        return None
+    return ra, rb
