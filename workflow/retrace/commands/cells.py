@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from retrace.cell_state import RECENT_SECONDS, cell_state
-    from retrace.launch import start_fetch_logs
     from retrace.grid import load_study
+    from retrace.launch import start_fetch_logs
 
     workdir = Path(args.directory)
     config = Path(args.configfile)
