@@ -1,0 +1,109 @@
+"""Segments from published optimizer states, end to end on a tiny model.
+
+A local run is published in the layout of the NeoX-native repos (``retrace reference publish --format
+neox``: every schedule step a GPT-NeoX training checkpoint with DeeperSpeed ZeRO-1 files, partitioned over
+2 ranks in several comm intervals). A cell that starts from a middle published step with that state, on
+the run's own data order, must land on the next published step bit for bit; on another order it must not.
+The published run is trained by retrace itself, so this checks the state's round trip through the NeoX
+layout and the data position, not the arithmetic against GPT-NeoX (which the parity tests do).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrace.train import TrainConfig, train
+from test_train_helpers import SEQ, B, load_ckpt
+
+REPO = "local/neox-ckpt-tiny"
+START, END = 8, 16
+COMMON = dict(recipe="70m", global_batch=B, seq_length=SEQ, train_iters=100, lr=2e-3, pdbs=4, gas=2,
+              precision="fp16", threads=1, progress=False, data_kind="raw")
+
+
+@pytest.fixture(scope="module")
+def published(world, tmp_path_factory):
+    """The "published" run (raw data, order seed 1234, every state kept) in a hub cache, NeoX format."""
+    from retrace.cli import main
+
+    root = tmp_path_factory.mktemp("neox-pub")
+    run = root / "run"
+    train(TrainConfig(reference=str(world / "ref"), data=str(world / "data" / "tiny"), out=str(run), steps=END,
+                      order_seed=1234, keep_states=100, **COMMON))
+    cache = root / "hub"
+    assert main(["reference", "publish", "--run", str(run), "--config", str(world / "ref" / "config.json"),
+                 "--hub-cache", str(cache), "--repo", REPO, "--format", "neox", "--dp", "2",
+                 "--max-elements-per-comm", "3000"]) == 0
+    return {"run": run, "cache": cache}
+
+
+def _snapshot(cache: Path, step: int) -> Path:
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = cache / repo_folder_name(repo_id=REPO, repo_type="model")
+    return folder / "snapshots" / (folder / "refs" / f"step{step}").read_text().strip()
+
+
+def test_published_steps_hold_zero1_state_in_the_neox_layout(published):
+    from retrace.checkpoints.neox import load_client_state, zero_optimizer_files
+    from retrace.train import state as st
+    from retrace.train.neox_state import open_optimizer_state
+
+    snap = _snapshot(published["cache"], START)
+    assert (snap / "latest").read_text() == f"global_step{START}"
+    d = snap / f"global_step{START}"
+    assert sorted(zero_optimizer_files(d)) == [(0, 0), (1, 0)]
+    assert load_client_state(d, 0)["lr_scheduler"]["num_iters"] == START
+    raw = torch.load(d / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    assert raw["optimizer_state_dict"]["num_comm_intervals_per_group"][0] > 1  # spans several intervals
+    assert type(raw["optimizer_state_dict"]["loss_scaler"]).__module__ == "deepspeed.runtime.fp16.loss_scaler"
+    # reads back to the run's own state, tensor for tensor
+    opt = open_optimizer_state(str(snap))
+    meta, tensors = st.read_state(st.state_dir(published["run"] / "state", START))
+    for gi, g in enumerate(meta["engine"]["groups"]):
+        for key, got in (("master", opt.master), ("exp_avg", opt.exp_avg), ("exp_avg_sq", opt.exp_avg_sq)):
+            assert torch.equal(torch.cat([got[n].reshape(-1) for n in g["names"]]), tensors[f"group{gi}.{key}"])
+    assert opt.step == START and opt.loss_scaler["scale"] == meta["engine"]["loss_scaler"]["scale"]
+    # step 0 has no kept state: weights only, no optimizer files
+    assert zero_optimizer_files(_snapshot(published["cache"], 0) / "global_step0") == {}
+
+
+def _segment(world, published, out: Path, order_seed: int, monkeypatch) -> dict[str, torch.Tensor]:
+    monkeypatch.setenv("HF_HUB_CACHE", str(published["cache"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = train(TrainConfig(reference=f"{REPO}@step{START}", start_step=START, data=str(world / "data" / "tiny"),
+                            out=str(out), steps=END, order_seed=order_seed, **COMMON))
+    assert res.saved_steps == [START, END]
+    run = json.loads((out / "run.json").read_text())
+    assert run["optimizer_state_from"]["adam_steps"] == START  # the ZeRO state was read, not a fresh Adam
+    return load_ckpt(out / "checkpoints" / f"step{END}.safetensors")
+
+
+def test_segment_on_the_right_order_lands_on_the_next_published_step_bit_for_bit(world, published, tmp_path,
+                                                                                 monkeypatch):
+    want = load_ckpt(published["run"] / "checkpoints" / f"step{END}.safetensors")
+    got = _segment(world, published, tmp_path / "right", 1234, monkeypatch)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    wrong = _segment(world, published, tmp_path / "wrong", 7, monkeypatch)
+    differ = [k for k in want if not torch.equal(want[k], wrong[k])]
+    assert len(differ) == len(want), f"only {len(differ)} of {len(want)} tensors moved on another order"
+
+
+def test_segment_without_the_optimizer_state_does_not_land(world, published, tmp_path, monkeypatch):
+    """Control: the same weights as a Hugging Face checkpoint (Adam from zero) miss the next step."""
+    from retrace.checkpoints import save_params
+
+    hf = tmp_path / "hf8"
+    hf.mkdir()
+    (hf / "config.json").write_bytes((world / "ref" / "config.json").read_bytes())
+    save_params(load_ckpt(published["run"] / "checkpoints" / f"step{START}.safetensors"), hf / "model.safetensors")
+    train(TrainConfig(reference=str(hf), start_step=START, data=str(world / "data" / "tiny"),
+                      out=str(tmp_path / "fresh"), steps=END, order_seed=1234, **COMMON))
+    want = load_ckpt(published["run"] / "checkpoints" / f"step{END}.safetensors")
+    got = load_ckpt(tmp_path / "fresh" / "checkpoints" / f"step{END}.safetensors")
+    assert not all(torch.equal(want[k], got[k]) for k in want)
