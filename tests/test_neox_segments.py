@@ -19,6 +19,8 @@ import torch
 from retrace.train import TrainConfig, train
 from test_train_helpers import SEQ, B, load_ckpt
 
+pytestmark = pytest.mark.slow  # one 16-step published run (~12 s), then segments of 8 steps
+
 REPO = "local/neox-ckpt-tiny"
 START, END = 8, 16
 COMMON = dict(recipe="70m", global_batch=B, seq_length=SEQ, train_iters=100, lr=2e-3, pdbs=4, gas=2,
@@ -72,10 +74,46 @@ def test_published_steps_hold_zero1_state_in_the_neox_layout(published):
     assert zero_optimizer_files(_snapshot(published["cache"], 0) / "global_step0") == {}
 
 
-def _segment(world, published, out: Path, order_seed: int, monkeypatch) -> dict[str, torch.Tensor]:
+@pytest.fixture(scope="module")
+def staged(published, tmp_path_factory):
+    """Step START staged as the workflow's fetch_training_state rule does (`retrace fetch-state`, offline)."""
+    from retrace.cli import main
+
+    out = tmp_path_factory.mktemp("staged") / f"step{START}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_CACHE", str(published["cache"]))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        assert main(["fetch-state", "--source", f"{REPO}@step{START}", "--out", str(out)]) == 0
+    finally:
+        mp.undo()
+    return out
+
+
+def test_fetch_state_stages_a_verified_save_directory(staged, published):
+    from retrace.checkpoints.training_state import read_source_record
+
+    assert (staged / "latest").read_text() == f"global_step{START}"
+    names = sorted(p.name for p in (staged / f"global_step{START}").iterdir())
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in names and "mp_rank_00_model_states.pt" in names
+    rec = read_source_record(staged)
+    assert rec["verified"] is True and rec["verified_against"] == "cache"
+    assert not staged.with_name(staged.name + ".partial").exists()
+
+
+def test_fetch_state_refuses_a_step_without_optimizer_state(published, tmp_path, monkeypatch):
+    from retrace.checkpoints.training_state import stage_training_state
+    from retrace.errors import RetraceError
+
     monkeypatch.setenv("HF_HUB_CACHE", str(published["cache"]))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    res = train(TrainConfig(reference=f"{REPO}@step{START}", start_step=START, data=str(world / "data" / "tiny"),
+    with pytest.raises(RetraceError, match="holds no zero_pp_rank"):
+        stage_training_state(f"{REPO}@step0", tmp_path / "s0")
+    assert not (tmp_path / "s0").exists()
+
+
+def _segment(world, source: str, out: Path, order_seed: int) -> dict[str, torch.Tensor]:
+    res = train(TrainConfig(reference=source, start_step=START, data=str(world / "data" / "tiny"),
                             out=str(out), steps=END, order_seed=order_seed, **COMMON))
     assert res.saved_steps == [START, END]
     run = json.loads((out / "run.json").read_text())
@@ -83,18 +121,26 @@ def _segment(world, published, out: Path, order_seed: int, monkeypatch) -> dict[
     return load_ckpt(out / "checkpoints" / f"step{END}.safetensors")
 
 
-def test_segment_on_the_right_order_lands_on_the_next_published_step_bit_for_bit(world, published, tmp_path,
-                                                                                 monkeypatch):
+def test_segment_on_the_right_order_lands_on_the_next_published_step_bit_for_bit(world, published, staged,
+                                                                                 tmp_path):
     want = load_ckpt(published["run"] / "checkpoints" / f"step{END}.safetensors")
-    got = _segment(world, published, tmp_path / "right", 1234, monkeypatch)
+    got = _segment(world, str(staged), tmp_path / "right", 1234)
     assert all(torch.equal(want[k], got[k]) for k in want)
 
-    wrong = _segment(world, published, tmp_path / "wrong", 7, monkeypatch)
+    wrong = _segment(world, str(staged), tmp_path / "wrong", 7)
     differ = [k for k in want if not torch.equal(want[k], wrong[k])]
     assert len(differ) == len(want), f"only {len(differ)} of {len(want)} tensors moved on another order"
 
 
-def test_segment_without_the_optimizer_state_does_not_land(world, published, tmp_path, monkeypatch):
+def test_a_hub_spec_start_reads_the_state_too(world, published, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(published["cache"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    want = load_ckpt(published["run"] / "checkpoints" / f"step{END}.safetensors")
+    got = _segment(world, f"{REPO}@step{START}", tmp_path / "hub", 1234)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_segment_without_the_optimizer_state_does_not_land(world, published, tmp_path):
     """Control: the same weights as a Hugging Face checkpoint (Adam from zero) miss the next step."""
     from retrace.checkpoints import save_params
 

@@ -65,6 +65,8 @@ STEPS_TO_1000 = len(checkpoint_steps(0, 1000))
 # parallel 4 values (+3), gpu_type 2 (+1), attention 2 (+1), deps 2 (+1) = 7 cells per (model, data).
 BLOG_CELLS = 1 + 3 + 1 + 1 + 1
 
+SEGMENT_STARTS = (1000, 10000, 50000, 100000, 142000)
+
 EXPECTED = {
     "pythia-2.8b-deduped": {
         "pile_data": 2,                     # deduped and standard preshuffled streams (no order maps)
@@ -88,6 +90,15 @@ EXPECTED = {
         "fetch_reference": 10 * STEPS_TO_1000,  # 10 repos (pythia-70m, -seed1 … -seed9)
         "reference_steps": 10,
         "train": 10 * 2, "compare": 10 * 2,  # each run on its own order and one other (models.<name>.data)
+        "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
+    },
+    "polypythias-segments": {
+        "pile_data": 4, "order_maps": 4,     # seed 8, 1234, 7 over the standard Pile; seed 8 over deduped
+        "fetch_training_state": len(SEGMENT_STARTS),  # each segment's start: weights + ZeRO-1 state, once
+        "fetch_reference": 2 * len(SEGMENT_STARTS),   # each segment compares at its start and start + 1000
+        "reference_steps": len(SEGMENT_STARTS),
+        # 5 segments × 4 orders, plus the same 5 with GPT-NeoX's restarted Adam counter on the documented one
+        "train": len(SEGMENT_STARTS) * (4 + 1), "compare": len(SEGMENT_STARTS) * (4 + 1),
         "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
     },
 }
@@ -157,6 +168,29 @@ def test_polypythias_pairs_each_run_with_its_order():
     assert {re.search(r"order_seed=(\d+)", w).group(1) for w in orders} == {"1234", *map(str, range(1, 10))}
     train = jobs_of(out, "train")[0]
     assert spec_of(train["shell"])["data_kind"] == "raw" and train["res"]["gpu_model"] == "a100"
+
+
+def test_polypythias_segments_start_from_the_published_optimizer_state():
+    study = load_study(STUDIES / "polypythias-segments.yaml", root=ROOT)
+    cells = study.cells()
+    assert {(c.model.start_step, c.steps) for c in cells} == {(n, n + 1000) for n in SEGMENT_STARTS}
+    assert {c.model.name for c in cells} == {f"pythia-410m-seed8{a}-from{n}" for n in SEGMENT_STARTS
+                                             for a in ("", "-neoxadam")}
+    out = dry_run("polypythias-segments")
+    staged = {j["wildcards"] for j in jobs_of(out, "fetch_training_state")}
+    assert staged == {f"repo=EleutherAI/neox-ckpt-pythia-410m-seed8, step={n}" for n in SEGMENT_STARTS}
+    specs = {j["cell"]: spec_of(j["shell"]) for j in jobs_of(out, "train")}
+    for cell_id, spec in specs.items():
+        cell = study.cell(cell_id)
+        n = cell.model.start_step
+        assert spec["reference"] == f"./resources/training_states/EleutherAI/neox-ckpt-pythia-410m-seed8/step{n}"
+        assert (spec["start_step"], spec["steps"], spec["data_kind"]) == (n, n + 1000, "raw")
+        assert spec["adam_resume"] == ("neox" if "neoxadam" in cell_id else "continue")
+        assert spec["order_seed"] == cell.data.order_seed
+    # one verdict per segment: the documented order is passed for every segment model
+    (report,) = jobs_of(out, "report")
+    for n in SEGMENT_STARTS:
+        assert f"--documented pythia-410m-seed8-from{n}=standard-raw-seed8" in report["shell"]
 
 
 # ------------------------------------------------------------------------------------------- audit

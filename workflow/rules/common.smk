@@ -200,7 +200,7 @@ def reference_model(wildcards):
 
 def built_record(model):
     """A built reference is read only once published (its record is written last); [] for the others."""
-    return [layout.built_record(model.name)] if model.build is not None else []
+    return [layout.built_record(model.build_name)] if model.build is not None else []
 
 
 def published_record(wildcards):

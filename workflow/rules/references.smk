@@ -98,3 +98,28 @@ rule reference_publish:
             "retrace reference publish --run resources/build/{wildcards.model}/run --config {input.config:q}"
             " --hub-cache {params.hub_cache:q} --repo {params.repo:q} --record {output:q}"
         )
+
+
+# A segment's start (models.<name>.segments with optimizer_state): the published GPT-NeoX training
+# checkpoint with its ZeRO-1 optimizer files, staged once per (repo, step) as a save directory.
+
+
+rule fetch_training_state:
+    input:
+        published=published_record,
+    output:
+        directory("resources/training_states/{repo}/step{step}"),
+    log:
+        "results/logs/fetch_training_state/{repo}/step{step}.log",
+    localrule: True
+    conda:
+        TOOLS_ENV
+    threads: 1
+    resources:
+        downloads=1,
+    params:
+        env=fetch_env,
+    shell:
+        logged(
+            "env {params.env} retrace fetch-state --source {wildcards.repo}@step{wildcards.step} --out {output:q}"
+        )
