@@ -101,6 +101,15 @@ EXPECTED = {
         "train": len(SEGMENT_STARTS) * (4 + 1), "compare": len(SEGMENT_STARTS) * (4 + 1),
         "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
     },
+    "pythia-14m-seed0": {
+        "forensics": 1,                      # its step 0 against pythia-14m, -deduped, -seed1 … seed9
+        "pile_data": 2,                      # the seed-1234 streams of the standard and deduped Pile
+        # from step 0: 0 … 512, 1000; segments: also 2000, 10000, 11000, 50000, 51000, 100000, …, 143000
+        "fetch_reference": STEPS_TO_1000 + 2 * len(SEGMENT_STARTS) - 1,
+        "reference_steps": 1 + len(SEGMENT_STARTS),
+        "train": (1 + len(SEGMENT_STARTS)) * 2, "compare": (1 + len(SEGMENT_STARTS)) * 2,
+        "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
+    },
 }
 
 
@@ -191,6 +200,27 @@ def test_polypythias_segments_start_from_the_published_optimizer_state():
     (report,) = jobs_of(out, "report")
     for n in SEGMENT_STARTS:
         assert f"--documented pythia-410m-seed8-from{n}=standard-raw-seed8" in report["shell"]
+
+
+def test_pythia_14m_seed0_asks_the_init_and_the_data_half():
+    study = load_study(STUDIES / "pythia-14m-seed0.yaml", root=ROOT)
+    assert {c.data.name for c in study.cells()} == {"standard-preshuffled", "deduped-preshuffled"}
+    assert {(c.model.start_step, c.steps) for c in study.cells()} == {(0, 1000)} | {
+        (n, n + 1000) for n in SEGMENT_STARTS}
+    out = dry_run("pythia-14m-seed0")
+    (forensics,) = jobs_of(out, "forensics")
+    from retrace.forensics_target import forensics_entries
+
+    (entry,) = forensics_entries(study)
+    assert entry["model"] == "EleutherAI/neox-ckpt-pythia-14m-seed0" and entry["step"] == 0
+    assert {"EleutherAI/pythia-14m", "EleutherAI/pythia-14m-deduped"} <= set(entry["against"])
+    # 14m ran ZeRO stage 0: no DeeperSpeed ZeRO files to stage, so its segments start from the weights
+    assert "fetch_training_state" not in job_counts(out)
+    for job in jobs_of(out, "train"):
+        spec = spec_of(job["shell"])
+        n = spec["start_step"]
+        assert spec["reference"] == f"./resources/references/EleutherAI/neox-ckpt-pythia-14m-seed0/step{n}.safetensors"
+        assert spec["data_kind"] == "preshuffled" and spec["order_seed"] == 1234
 
 
 # ------------------------------------------------------------------------------------------- audit

@@ -12,7 +12,7 @@ sys.path.insert(
     0, str(Path(workflow.basedir) / "workflow")
 )  # this checkout's package, first
 
-from retrace import jobs, launch, plan
+from retrace import forensics_target, jobs, launch, plan
 from retrace import paths as layout
 from retrace import rundir
 from retrace.grid import CELL_ID_PATTERN, TOKEN, load_study
