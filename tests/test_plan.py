@@ -68,3 +68,12 @@ def test_cli_prints_the_plan_and_its_json(tmp_path):
     out = subprocess.run([sys.executable, "-m", "retrace", "plan", "--configfile", str(ROOT / "config.yaml"),
                           "--throughput", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "no 'mfu' mapping" in out.stderr
+
+
+def test_a_downloaded_raw_variant_renders_without_a_merged_copy_line():
+    """The deduped raw Pile (pythia_deduped_pile_idxmaps) has no merged-copy alternative: the plan of a
+    study reading it must still render (the start of every run prints it)."""
+    plan = study_plan(load_study(STUDIES / "polypythias-segments.yaml", root=ROOT))
+    text = render(plan)
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("data deduped-raw-seed8 ")]
+    assert "merge" not in line and "fetch" in line

@@ -219,7 +219,7 @@ def render(plan: StudyPlan, *, max_cells: int | None = None) -> str:
              f"GPU-hours {plan.gpu_hours:,.1f}"]
     for d in plan.data:
         extra = ""
-        if "legacy_fetch_bytes" in d:
+        if d.get("legacy_fetch_bytes") is not None:  # None: raw data has no merged-copy alternative
             extra = (f" ({d['shards']} shard(s); a full download and merge would be {_size(d['legacy_fetch_bytes'])}"
                      f" + {_size(d['legacy_disk_bytes'] - d['legacy_fetch_bytes'])})")
         bound = "" if d["exact"] else " at least"
