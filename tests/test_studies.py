@@ -36,7 +36,7 @@ def jobs_of(output: str, rule: str) -> list[dict[str, str]]:
             jobs.append(current)
         elif re.match(r"^(local)?rule \w+:$", line) or line.startswith("Job stats"):
             current = None
-        elif current is not None and line.startswith(("    wildcards: ", "    resources: ")):
+        elif current is not None and line.startswith(("    wildcards: ", "    resources: ", "    input: ")):
             key, _, value = line.strip().partition(": ")
             current[key] = value
         elif current is not None and line.startswith("Shell command: "):
@@ -85,15 +85,17 @@ EXPECTED = {
         "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
     },
     "polypythias-seeds": {
-        "pile_data": 10,                    # one variant per order seed (1234, 1 … 9), same copy
+        "pile_data": 10 + 1,                # one variant per order seed (1234, 1 … 9), same copy; the gate's stream
         "order_maps": 10,                   # raw data: GPT-NeoX index maps per order seed
+        "order_check": 1,                   # the gate: seed 1234's rebuilt order = the published stream
         "fetch_reference": 10 * STEPS_TO_1000,  # 10 repos (pythia-70m, -seed1 … -seed9)
         "reference_steps": 10,
         "train": 10 * 2, "compare": 10 * 2,  # each run on its own order and one other (models.<name>.data)
         "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
     },
     "polypythias-segments": {
-        "pile_data": 4, "order_maps": 4,     # seed 8, 1234, 7 over the standard Pile; seed 8 over deduped
+        "pile_data": 4 + 1, "order_maps": 4,  # seed 8, 1234, 7 over the standard Pile; seed 8 over deduped
+        "order_check": 1,                     # (+ the published standard stream, for the gate)
         "fetch_training_state": len(SEGMENT_STARTS),  # each segment's start: weights + ZeRO-1 state, once
         "fetch_reference": 2 * len(SEGMENT_STARTS),   # each segment compares at its start and start + 1000
         "reference_steps": len(SEGMENT_STARTS),
@@ -221,6 +223,24 @@ def test_pythia_14m_seed0_asks_the_init_and_the_data_half():
         n = spec["start_step"]
         assert spec["reference"] == f"./resources/references/EleutherAI/neox-ckpt-pythia-14m-seed0/step{n}.safetensors"
         assert spec["data_kind"] == "preshuffled" and spec["order_seed"] == 1234
+
+
+@pytest.mark.parametrize("study", ["polypythias-seeds", "polypythias-segments"])
+def test_training_on_the_rebuilt_standard_pile_waits_for_the_order_check(study):
+    out = dry_run(study)
+    (check,) = jobs_of(out, "order_check")
+    assert check["shell"].startswith("(retrace order-check --raw resources/data/pile/standard-raw-seed1234/")
+    assert "--preshuffled resources/data/pile/standard-preshuffled/document --seed 1234 --num-samples 147164160" \
+        in check["shell"] and "--items 10240" in check["shell"]
+    gate = "resources/order_check/standard-raw-seed1234.json"
+    for job in jobs_of(out, "train"):
+        gated = gate in job["input"]
+        assert gated == ("standard-raw" in job["cell"]), job["cell"]  # the deduped idxmap is published
+    # the gate's stream is fetched only as far as the items it compares (one shard)
+    from retrace.jobs import pile_needs
+
+    needs = pile_needs(load_study(STUDIES / f"{study}.yaml", root=ROOT), "standard-preshuffled")
+    assert (needs["first_item"], needs["max_items"]) == (0, 10240)
 
 
 # ------------------------------------------------------------------------------------------- audit
