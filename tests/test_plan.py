@@ -77,3 +77,9 @@ def test_a_downloaded_raw_variant_renders_without_a_merged_copy_line():
     text = render(plan)
     (line,) = [ln for ln in text.splitlines() if ln.startswith("data deduped-raw-seed8 ")]
     assert "merge" not in line and "fetch" in line
+
+
+def test_the_order_check_stream_is_planned_as_its_first_shard():
+    plan = study_plan(load_study(STUDIES / "polypythias-seeds.yaml", root=ROOT))
+    (d,) = [d for d in plan.data if d["variant"] == "standard-preshuffled"]
+    assert d["shards"] == 1 and d["fetch_bytes"] == 30_000_000_000 + 1_757_184_042

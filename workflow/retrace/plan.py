@@ -153,9 +153,11 @@ def study_plan(study: Study, *, mfu: dict[str, float] | None = None) -> StudyPla
     """Downloads, disk, memory and time of a whole study."""
     from retrace.data.variants import plan_variant_fetch
     from retrace.jobs import pile_needs
+    from retrace.rebuilt import order_check_entries
 
     plan = StudyPlan(study.name)
-    for name in dict.fromkeys(c.data.name for c in study.cells()):
+    gates = [e["preshuffled"] for e in order_check_entries(study)]  # streams read only by an order check
+    for name in dict.fromkeys([c.data.name for c in study.cells()] + gates):
         v = study.data[name]
         if v.source != "pile":
             plan.data.append({"variant": name, "source": v.source, "fetch_bytes": 0, "disk_bytes": 0, "exact": True})
