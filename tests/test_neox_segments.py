@@ -11,6 +11,7 @@ layout and the data position, not the arithmetic against GPT-NeoX (which the par
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,34 @@ def test_segment_without_the_optimizer_state_does_not_land(world, published, tmp
     want = load_ckpt(published["run"] / "checkpoints" / f"step{END}.safetensors")
     got = load_ckpt(tmp_path / "fresh" / "checkpoints" / f"step{END}.safetensors")
     assert not all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_run_sharded_over_two_ranks_publishes_and_continues_exactly(world, tmp_path):
+    """Builtin ZeRO-1 over 2 real ranks writes one state shard per rank; the NeoX export puts them back
+    together, and a 2-rank segment from published step 2 lands on step 4 (few steps: two 2-rank runs)."""
+    import subprocess
+
+    from retrace.cli import main
+    from test_train_helpers import argv
+
+    run = tmp_path / "run2"
+    cmd = argv(world, "run2", 4, gpus=2, pdbs=2, gas=2)
+    cmd[cmd.index("--out") + 1] = str(run)
+    r = subprocess.run([*cmd, "--keep-states", "100"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (run / "state" / "step2").glob("rank*.safetensors")) == [
+        "rank0.safetensors", "rank1.safetensors"]
+    cache = tmp_path / "hub"
+    assert main(["reference", "publish", "--run", str(run), "--config", str(world / "ref" / "config.json"),
+                 "--hub-cache", str(cache), "--repo", REPO, "--format", "neox", "--dp", "2",
+                 "--max-elements-per-comm", "3000"]) == 0
+    cmd = argv(world, "seg2", 4, gpus=2, pdbs=2, gas=2)
+    cmd[cmd.index("--reference") + 1] = f"{REPO}@step2"
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "seg2")
+    seg = subprocess.run([*cmd, "--start-step", "2"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert seg.returncode == 0, seg.stderr[-2000:]
+    want = load_ckpt(run / "checkpoints" / "step4.safetensors")
+    got = load_ckpt(tmp_path / "seg2" / "checkpoints" / "step4.safetensors")
+    assert all(torch.equal(want[k], got[k]) for k in want)

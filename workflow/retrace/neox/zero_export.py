@@ -33,9 +33,10 @@ in NeoX module order, which the reader maps back to the two weight-decay groups.
 checked against a published file: whether eb7f5cff writes this single dict or one per group (the reader
 takes both).
 
-Only a replicated retrace state (one ``tensors.safetensors``) is exported; a state sharded over ranks
-(``rank{r}.safetensors``) is refused with the reason, as is a stage-0 recipe (14m/31m keep their
-``FP16_Optimizer`` state inside ``mp_rank_00_model_states.pt``, which neither side handles yet).
+A replicated retrace state (one ``tensors.safetensors``) and one sharded over ranks by the builtin
+ZeRO-1 (``rank{r}.safetensors``: rank r holds the r-th equal slice of each padded flat group) are both
+read back to whole groups first; a stage-0 recipe is refused (14m/31m keep their ``FP16_Optimizer``
+state inside ``mp_rank_00_model_states.pt``, which neither side handles yet).
 """
 
 from __future__ import annotations
@@ -161,10 +162,17 @@ def read_run_step(run_dir: str | os.PathLike, step: int) -> tuple[dict[str, torc
     except (OSError, ValueError, KeyError) as exc:
         raise RetraceError(f"{d}: no intact resume state of step {step} ({exc}); the run must keep every "
                            "state it publishes (--keep-states)") from exc
-    if list(meta["files"]) != ["tensors.safetensors"]:
-        raise RetraceError(f"{d}: the optimizer state is sharded over ranks ({', '.join(meta['files'])}); "
-                           "only a replicated state is exported")
     eng = meta["engine"]
+    files = sorted(meta["files"])
+    if files != ["tensors.safetensors"]:
+        # ZeRO-1 shards (rank{r}.safetensors): rank r holds the r-th equal slice of each padded flat group
+        world = int(eng.get("partition", {}).get("world_size", 1))
+        want_files = sorted(f"rank{r}.safetensors" for r in range(world))
+        if files != want_files:
+            raise RetraceError(f"{d}: state files {files} are neither one replicated file nor {world} rank shards")
+        shards = [load_file(str(d / f"rank{r}.safetensors")) for r in range(world)]
+        tensors = {f"group{gi}.{key}": torch.cat([sh[f"group{gi}.{key}"] for sh in shards])[: int(g["numel"])]
+                   for gi, g in enumerate(eng["groups"]) for key in ("master", "exp_avg", "exp_avg_sq")}
     ckpt = run / "checkpoints" / f"step{step}.safetensors"
     want = (meta.get("checkpoints") or {}).get(str(step))
     if not ckpt.is_file():
