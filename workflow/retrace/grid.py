@@ -98,6 +98,9 @@ class Build:
     seed: int
     precision: str
     attention: str
+    format: str = "hf"  # "neox": published as GPT-NeoX training checkpoints with ZeRO-1 files
+    dp: int = 1  # format neox: ranks the ZeRO-1 state is partitioned over
+    max_elements_per_comm: int = 500_000_000
 
     @property
     def init_key(self) -> str:
@@ -562,7 +565,8 @@ def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fai
         build = Build(shape=tuple((k, int(b["shape"][k])) for k in ("n_layers", "hidden", "heads", "vocab", "seq_len")),
                       init_seed=int(b["init_seed"]), data=data[b["data"]], parallel=layout,
                       steps=int(b["steps"]), seed=int(b["seed"]), precision=b["precision"],
-                      attention=b["attention"])
+                      attention=b["attention"], format=b["format"], dp=int(b.get("dp") or layout.gpus),
+                      max_elements_per_comm=int(b["max_elements_per_comm"]))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = tuple((k, v) for k, v in spec.items() if k in fields and k not in _MODEL_KEYS)
     return Model(name=name, reference=spec["reference"], start_step=int(spec["start_step"]), recipe=size,

@@ -29,6 +29,7 @@ study's ``cluster.gpu_models`` name for it); a CPU cell trains on ``cpu``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from retrace import paths
@@ -90,10 +91,21 @@ def build_spec(study: Study, model: Model) -> TrainConfig:
     b = model.build
     if b is None:
         raise RetraceError(f"model {model.name} has no build section")
-    return _train_spec(study, model, data=b.data, parallel=b.parallel, attention=b.attention,
+    spec = _train_spec(study, model, data=b.data, parallel=b.parallel, attention=b.attention,
                        precision=b.precision, engine="builtin", steps=b.steps, seed=b.seed,
                        reference=paths.build_init_dir(b.init_key), start_step=0,
                        out=paths.build_run_dir(model.build_name), device="cpu")
+    if b.format == "neox":  # every saved step is published with its optimizer state: keep them all
+        spec = dataclasses.replace(spec, keep_states=len(b.saved_steps()))
+    return spec
+
+
+def publish_flags(model: Model) -> str:
+    """``retrace reference publish`` flags of a built reference: its format (and ZeRO-1 partitioning)."""
+    b = model.build
+    if b is None or b.format == "hf":
+        return ""
+    return f"--format neox --dp {b.dp} --max-elements-per-comm {b.max_elements_per_comm}"
 
 
 def _train_spec(study: Study, m: Model, *, data, parallel, attention, precision, engine, steps, seed,

@@ -303,6 +303,10 @@ def reference_repo(wildcards):
     return built_model(wildcards).reference
 
 
+def reference_publish_flags(wildcards):
+    return launch.publish_flags(built_model(wildcards))
+
+
 def reference_hub_cache(wildcards):
     return built_model(wildcards).hub_cache
 

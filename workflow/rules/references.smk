@@ -93,10 +93,12 @@ rule reference_publish:
     params:
         repo=reference_repo,
         hub_cache=reference_hub_cache,
+        # build.format neox: GPT-NeoX training checkpoints with ZeRO-1 files (retrace.neox.zero_export)
+        flags=reference_publish_flags,
     shell:
         logged(
             "retrace reference publish --run resources/build/{wildcards.model}/run --config {input.config:q}"
-            " --hub-cache {params.hub_cache:q} --repo {params.repo:q} --record {output:q}"
+            " --hub-cache {params.hub_cache:q} --repo {params.repo:q} {params.flags} --record {output:q}"
         )
 
 
