@@ -45,7 +45,8 @@ Segments
 from published step N and trains to N + K: the axis ``steps`` does not apply to it. With
 ``optimizer_state`` (the default) a segment starts from the published ZeRO-1 optimizer state of a
 GPT-NeoX native repo (fp32 master, Adam moments, loss scale; the data position is the step), staged by
-the ``fetch_training_state`` rule; without it, from the weights alone with a fresh Adam.
+the ``fetch_training_state`` rule; without it, from the weights alone with a fresh Adam. An offline
+study's own published run (``build``) is published in that layout with ``build.format: neox``.
 
 This module is pure Python (no torch, no Snakemake); the Snakefile and ``retrace cells`` call it.
 """
