@@ -114,8 +114,12 @@ def test_fetch_state_refuses_a_step_without_optimizer_state(published, tmp_path,
 
 
 def _segment(world, source: str, out: Path, order_seed: int) -> dict[str, torch.Tensor]:
+    return _segment_common(world, source, out, order_seed, COMMON)
+
+
+def _segment_common(world, source: str, out: Path, order_seed: int, common: dict) -> dict[str, torch.Tensor]:
     res = train(TrainConfig(reference=source, start_step=START, data=str(world / "data" / "tiny"),
-                            out=str(out), steps=END, order_seed=order_seed, **COMMON))
+                            out=str(out), steps=END, order_seed=order_seed, **common))
     assert res.saved_steps == [START, END]
     run = json.loads((out / "run.json").read_text())
     assert run["optimizer_state_from"]["adam_steps"] == START  # the ZeRO state was read, not a fresh Adam
@@ -184,4 +188,32 @@ def test_a_run_sharded_over_two_ranks_publishes_and_continues_exactly(world, tmp
     assert seg.returncode == 0, seg.stderr[-2000:]
     want = load_ckpt(run / "checkpoints" / "step4.safetensors")
     got = load_ckpt(tmp_path / "seg2" / "checkpoints" / "step4.safetensors")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_stage0_run_publishes_fp16_optimizer_state_and_continues_exactly(world, tmp_path):
+    """The 14m/31m recipe (ZeRO stage 0): no ZeRO files; FP16_Optimizer's state inside
+    mp_rank_00_model_states.pt (pp = 0, sequential module), staged and resumed bit for bit."""
+    from retrace.checkpoints.neox import load_client_state, zero_optimizer_files
+    from retrace.checkpoints.training_state import stage_training_state
+    from retrace.cli import main
+
+    common = {**COMMON, "recipe": "14m"}
+    run = tmp_path / "run0"
+    train(TrainConfig(reference=str(world / "ref"), data=str(world / "data" / "tiny"), out=str(run), steps=END,
+                      order_seed=1234, keep_states=100, **common))
+    cache = tmp_path / "hub"
+    assert main(["reference", "publish", "--run", str(run), "--config", str(world / "ref" / "config.json"),
+                 "--hub-cache", str(cache), "--repo", REPO, "--format", "neox"]) == 0
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = cache / repo_folder_name(repo_id=REPO, repo_type="model")
+    snap = folder / "snapshots" / (folder / "refs" / f"step{START}").read_text().strip()
+    d = snap / f"global_step{START}"
+    assert zero_optimizer_files(d) == {} and not list(d.glob("layer_*"))
+    opt = load_client_state(d, 0)["optimizer"]
+    assert opt["optimizer_state_dict"]["param_groups"][0]["step"] == START + 1  # apex counts the init step
+    staged = stage_training_state(str(snap), tmp_path / "staged")
+    got = _segment_common(world, str(staged), tmp_path / "seg0", 1234, common)
+    want = load_ckpt(run / "checkpoints" / f"step{END}.safetensors")
     assert all(torch.equal(want[k], got[k]) for k in want)

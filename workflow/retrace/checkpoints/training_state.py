@@ -12,7 +12,8 @@ checked against its recorded hash) and lays it out as a GPT-NeoX save directory:
 
 Files are hard links to the cache's blobs where the file system allows (a 410m step's ZeRO state is
 ~5 GB), else copies. The directory is built beside OUT and renamed into place, so OUT is complete or
-absent. A source without ZeRO files is refused: a segment that silently started Adam from zero would
+absent. A source without optimizer state (no ZeRO files, and for the stage-0 sizes 14m/31m no
+``FP16_Optimizer`` state in ``mp_rank_00_model_states.pt``) is refused: a segment that silently started Adam from zero would
 answer a different question.
 """
 
@@ -33,6 +34,17 @@ def _place(src: Path, dest: Path) -> None:
         os.link(real, dest)
     except OSError:
         shutil.copyfile(real, dest)
+
+
+def _has_stage0_state(step_dir: Path) -> bool:
+    """ZeRO stage 0 (14m/31m): FP16_Optimizer's state is the client state's ``optimizer``."""
+    from retrace.checkpoints.neox import load_client_state
+
+    try:
+        opt = load_client_state(step_dir, 0).get("optimizer")
+    except RetraceError:
+        return False
+    return isinstance(opt, dict) and "fp32_groups_flat" in opt
 
 
 def stage_training_state(source: str, out: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
@@ -59,10 +71,11 @@ def stage_training_state(source: str, out: str | os.PathLike, *, cache_dir: str 
             raise RetraceError(f"{source}: not a GPT-NeoX checkpoint directory")
         record.update({"verified": False})
     step_dir = resolve_neox_dir(folder)
-    if not zero_optimizer_files(step_dir):
-        raise RetraceError(f"{source}: {step_dir.name} holds no zero_pp_rank_*_optim_states.pt; a segment "
-                           "needs the published optimizer state (set segments.optimizer_state: false to start "
-                           "from the weights with a fresh Adam)")
+    if not zero_optimizer_files(step_dir) and not _has_stage0_state(step_dir):
+        raise RetraceError(f"{source}: {step_dir.name} holds no zero_pp_rank_*_optim_states.pt and no "
+                           "FP16_Optimizer state in mp_rank_00_model_states.pt; a segment needs the published "
+                           "optimizer state (set segments.optimizer_state: false to start from the weights "
+                           "with a fresh Adam)")
     m = re.fullmatch(r"global_step(\d+)", step_dir.name)
     want = re.fullmatch(r"step(\d+)", src.revision or "") if src.kind == "hub" else None
     if m and want and m.group(1) != want.group(1):

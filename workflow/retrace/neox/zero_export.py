@@ -35,13 +35,14 @@ takes both).
 
 A replicated retrace state (one ``tensors.safetensors``) and one sharded over ranks by the builtin
 ZeRO-1 (``rank{r}.safetensors``: rank r holds the r-th equal slice of each padded flat group) are both
-read back to whole groups first; a stage-0 recipe is refused (14m/31m keep their ``FP16_Optimizer``
-state inside ``mp_rank_00_model_states.pt``, which neither side handles yet).
+read back to whole groups first. A stage-0 recipe (14m/31m) is written as those runs saved it: no ZeRO
+files, ``FP16_Optimizer``'s state inside ``mp_rank_00_model_states.pt`` (``_export_stage0``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -55,8 +56,11 @@ import torch
 
 from retrace.errors import RetraceError
 from retrace.io import atomic_path
+from retrace.pythia.recipes import Recipe
 from retrace.pythia.sizes import ModelConfig
 
+#: Pythia's gradient clipping (the recipe's), which FP16_Optimizer saves with its state.
+_RECIPE_CLIP = next(f.default for f in dataclasses.fields(Recipe) if f.name == "clip_grad")
 #: DeeperSpeed's pickled loss-scaler class (``runtime/fp16/loss_scaler.py``).
 SCALER_MODULE = "deepspeed.runtime.fp16.loss_scaler"
 SCALER_CLASS = "DynamicLossScaler"
@@ -205,10 +209,13 @@ def export_training_checkpoint(run_dir: str | os.PathLike, step: int, out_dir: s
     from retrace.train.neox_state import neox_group_order
 
     weights, eng, per_name = read_run_step(run_dir, step)
-    if eng.get("engine") not in (None, "builtin") or "dynamic_loss_scaler" != eng["loss_scaler"].get("rules"):
-        raise RetraceError(f"{run_dir}: step {step} was trained with {eng.get('engine')} / "
-                           f"{eng['loss_scaler'].get('rules')}; only ZeRO stage 1's DynamicLossScaler "
-                           "state (sizes ≥ 70m) is written in the DeeperSpeed layout")
+    rules = eng["loss_scaler"].get("rules")
+    if eng.get("engine") not in (None, "builtin") or rules not in ("dynamic_loss_scaler", "fp16_optimizer"):
+        raise RetraceError(f"{run_dir}: step {step} was trained with {eng.get('engine')} / {rules}; only the "
+                           "builtin engine's state is written in the DeeperSpeed layout")
+    if rules == "fp16_optimizer":  # ZeRO stage 0 (14m/31m): FP16_Optimizer's state in the client state
+        return _export_stage0(weights, eng, per_name, out_dir, step=step, cfg=cfg, lr_scheduler=lr_scheduler,
+                              neox_args=neox_args)
     step_dir = Path(out_dir) / f"global_step{step}"
     step_dir.mkdir(parents=True, exist_ok=True)
     order = neox_group_order(cfg.n_layers)
@@ -235,3 +242,31 @@ def export_training_checkpoint(run_dir: str | os.PathLike, step: int, out_dir: s
     client = {"lr_scheduler": sched, "dp_world_size": dp,
               "skipped_steps": int(step) - int(eng["adam_steps"])}
     return export_neox_checkpoint(weights, out_dir, step=step, cfg=cfg, neox_args=neox_args, client=client)
+
+
+def _export_stage0(weights, eng, per_name, out_dir, *, step: int, cfg: ModelConfig, lr_scheduler, neox_args) -> Path:
+    """ZeRO stage 0 as the 14m/31m runs saved it: DeepSpeed's engine stores ``FP16_Optimizer.state_dict()``
+    (``runtime/fp16/fused_optimizer.py`` ``state_dict``) as the client state's ``optimizer``, beside the
+    ``sequential.*`` module of a pp = 0 model; no ZeRO files. apex's ``step`` is in the param groups
+    (the constructor's init step counted: ``adam_t``)."""
+    from retrace.neox.export import export_neox_checkpoint
+    from retrace.train.neox_state import neox_group_order
+
+    order = neox_group_order(cfg.n_layers)
+    flat = {key: [torch.cat([per_name[key][n].reshape(-1) for n in names]).float() for names in order]
+            for key in per_name}
+    sc = eng["loss_scaler"]
+    optimizer = {
+        "dynamic_loss_scale": bool(sc.get("dynamic", True)), "cur_scale": sc["scale"], "cur_iter": sc["cur_iter"],
+        "last_overflow_iter": sc["last_overflow_iter"], "scale_factor": sc["factor"], "scale_window": sc["window"],
+        "optimizer_state_dict": {
+            "state": {g: {"exp_avg": flat["exp_avg"][g], "exp_avg_sq": flat["exp_avg_sq"][g]} for g in range(len(order))},
+            "param_groups": [{"params": [g], "step": int(eng["adam_t"])} for g in range(len(order))],
+        },
+        "fp32_groups_flat": flat["master"],
+        "clip_grad": _RECIPE_CLIP,
+    }
+    sched = {**dict(lr_scheduler or {}), "num_iters": int(eng["lr_iter"])}
+    client = {"optimizer": optimizer, "lr_scheduler": sched, "skipped_steps": int(step) - int(eng["adam_steps"])}
+    return export_neox_checkpoint(weights, out_dir, step=step, cfg=cfg, neox_args=neox_args, client=client,
+                                  layout="sequential")
