@@ -105,6 +105,7 @@ EXPECTED = {
     },
     "pythia-14m-seed0": {
         "forensics": 1,                      # its step 0 against pythia-14m, -deduped, -seed1 … seed9
+        "fetch_training_state": len(SEGMENT_STARTS),  # FP16_Optimizer's state (stage 0) at each start
         "pile_data": 2,                      # the seed-1234 streams of the standard and deduped Pile
         # from step 0: 0 … 512, 1000; segments: also 2000, 10000, 11000, 50000, 51000, 100000, …, 143000
         "fetch_reference": STEPS_TO_1000 + 2 * len(SEGMENT_STARTS) - 1,
@@ -216,12 +217,14 @@ def test_pythia_14m_seed0_asks_the_init_and_the_data_half():
     (entry,) = forensics_entries(study)
     assert entry["model"] == "EleutherAI/neox-ckpt-pythia-14m-seed0" and entry["step"] == 0
     assert {"EleutherAI/pythia-14m", "EleutherAI/pythia-14m-deduped"} <= set(entry["against"])
-    # 14m ran ZeRO stage 0: no DeeperSpeed ZeRO files to stage, so its segments start from the weights
-    assert "fetch_training_state" not in job_counts(out)
+    # the step-0 cells start from the weights (Adam's state is zero there); the segments from the staged
+    # training checkpoint (14m: FP16_Optimizer's state in mp_rank_00_model_states.pt)
     for job in jobs_of(out, "train"):
         spec = spec_of(job["shell"])
         n = spec["start_step"]
-        assert spec["reference"] == f"./resources/references/EleutherAI/neox-ckpt-pythia-14m-seed0/step{n}.safetensors"
+        repo = "EleutherAI/neox-ckpt-pythia-14m-seed0"
+        assert spec["reference"] == (f"./resources/training_states/{repo}/step{n}" if n else
+                                     f"./resources/references/{repo}/step0.safetensors")
         assert spec["data_kind"] == "preshuffled" and spec["order_seed"] == 1234
 
 
