@@ -83,3 +83,12 @@ def test_the_order_check_stream_is_planned_as_its_first_shard():
     plan = study_plan(load_study(STUDIES / "polypythias-seeds.yaml", root=ROOT))
     (d,) = [d for d in plan.data if d["variant"] == "standard-preshuffled"]
     assert d["shards"] == 1 and d["fetch_bytes"] == 30_000_000_000 + 1_757_184_042
+
+
+def test_segments_plan_their_published_optimizer_states():
+    study = load_study(STUDIES / "polypythias-segments.yaml", root=ROOT)
+    plan = study_plan(study)
+    (states,) = [r for r in plan.references if r.get("what") == "training states"]
+    n = pythia_config("410m").n_params
+    assert states["steps"] == 5 and states["fetch_bytes"] == 14 * n * 5  # fp16 weights + fp32 master, m, v
+    assert "reference EleutherAI/neox-ckpt-pythia-410m-seed8 training states (Hub): 5 step(s)" in render(plan)
