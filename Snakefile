@@ -47,3 +47,5 @@ rule all:
         final_outputs(),
         # `snakemake audit` audits the published references; part of `all` only with audit.in_all
         audit_targets(),
+        # step-0 forensics of the study's `forensics` pairs, when it has some
+        forensics_target.forensics_targets(STUDY),

@@ -68,3 +68,27 @@ def test_cli_prints_the_plan_and_its_json(tmp_path):
     out = subprocess.run([sys.executable, "-m", "retrace", "plan", "--configfile", str(ROOT / "config.yaml"),
                           "--throughput", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "no 'mfu' mapping" in out.stderr
+
+
+def test_a_downloaded_raw_variant_renders_without_a_merged_copy_line():
+    """The deduped raw Pile (pythia_deduped_pile_idxmaps) has no merged-copy alternative: the plan of a
+    study reading it must still render (the start of every run prints it)."""
+    plan = study_plan(load_study(STUDIES / "polypythias-segments.yaml", root=ROOT))
+    text = render(plan)
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("data deduped-raw-seed8 ")]
+    assert "merge" not in line and "fetch" in line
+
+
+def test_the_order_check_stream_is_planned_as_its_first_shard():
+    plan = study_plan(load_study(STUDIES / "polypythias-seeds.yaml", root=ROOT))
+    (d,) = [d for d in plan.data if d["variant"] == "standard-preshuffled"]
+    assert d["shards"] == 1 and d["fetch_bytes"] == 30_000_000_000 + 1_757_184_042
+
+
+def test_segments_plan_their_published_optimizer_states():
+    study = load_study(STUDIES / "polypythias-segments.yaml", root=ROOT)
+    plan = study_plan(study)
+    (states,) = [r for r in plan.references if r.get("what") == "training states"]
+    n = pythia_config("410m").n_params
+    assert states["steps"] == 5 and states["fetch_bytes"] == 14 * n * 5  # fp16 weights + fp32 master, m, v
+    assert "reference EleutherAI/neox-ckpt-pythia-410m-seed8 training states (Hub): 5 step(s)" in render(plan)

@@ -36,7 +36,7 @@ def jobs_of(output: str, rule: str) -> list[dict[str, str]]:
             jobs.append(current)
         elif re.match(r"^(local)?rule \w+:$", line) or line.startswith("Job stats"):
             current = None
-        elif current is not None and line.startswith(("    wildcards: ", "    resources: ")):
+        elif current is not None and line.startswith(("    wildcards: ", "    resources: ", "    input: ")):
             key, _, value = line.strip().partition(": ")
             current[key] = value
         elif current is not None and line.startswith("Shell command: "):
@@ -65,6 +65,8 @@ STEPS_TO_1000 = len(checkpoint_steps(0, 1000))
 # parallel 4 values (+3), gpu_type 2 (+1), attention 2 (+1), deps 2 (+1) = 7 cells per (model, data).
 BLOG_CELLS = 1 + 3 + 1 + 1 + 1
 
+SEGMENT_STARTS = (1000, 10000, 50000, 100000, 142000)
+
 EXPECTED = {
     "pythia-2.8b-deduped": {
         "pile_data": 2,                     # deduped and standard preshuffled streams (no order maps)
@@ -83,11 +85,32 @@ EXPECTED = {
         "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
     },
     "polypythias-seeds": {
-        "pile_data": 10,                    # one variant per order seed (1234, 1 … 9), same copy
+        "pile_data": 10 + 1,                # one variant per order seed (1234, 1 … 9), same copy; the gate's stream
         "order_maps": 10,                   # raw data: GPT-NeoX index maps per order seed
+        "order_check": 1,                   # the gate: seed 1234's rebuilt order = the published stream
         "fetch_reference": 10 * STEPS_TO_1000,  # 10 repos (pythia-70m, -seed1 … -seed9)
         "reference_steps": 10,
         "train": 10 * 2, "compare": 10 * 2,  # each run on its own order and one other (models.<name>.data)
+        "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
+    },
+    "polypythias-segments": {
+        "pile_data": 4 + 1, "order_maps": 4,  # seed 8, 1234, 7 over the standard Pile; seed 8 over deduped
+        "order_check": 1,                     # (+ the published standard stream, for the gate)
+        "fetch_training_state": len(SEGMENT_STARTS),  # each segment's start: weights + ZeRO-1 state, once
+        "fetch_reference": 2 * len(SEGMENT_STARTS),   # each segment compares at its start and start + 1000
+        "reference_steps": len(SEGMENT_STARTS),
+        # 5 segments × 4 orders, plus the same 5 with GPT-NeoX's restarted Adam counter on the documented one
+        "train": len(SEGMENT_STARTS) * (4 + 1), "compare": len(SEGMENT_STARTS) * (4 + 1),
+        "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
+    },
+    "pythia-14m-seed0": {
+        "forensics": 1,                      # its step 0 against pythia-14m, -deduped, -seed1 … seed9
+        "fetch_training_state": len(SEGMENT_STARTS),  # FP16_Optimizer's state (stage 0) at each start
+        "pile_data": 2,                      # the seed-1234 streams of the standard and deduped Pile
+        # from step 0: 0 … 512, 1000; segments: also 2000, 10000, 11000, 50000, 51000, 100000, …, 143000
+        "fetch_reference": STEPS_TO_1000 + 2 * len(SEGMENT_STARTS) - 1,
+        "reference_steps": 1 + len(SEGMENT_STARTS),
+        "train": (1 + len(SEGMENT_STARTS)) * 2, "compare": (1 + len(SEGMENT_STARTS)) * 2,
         "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
     },
 }
@@ -157,6 +180,70 @@ def test_polypythias_pairs_each_run_with_its_order():
     assert {re.search(r"order_seed=(\d+)", w).group(1) for w in orders} == {"1234", *map(str, range(1, 10))}
     train = jobs_of(out, "train")[0]
     assert spec_of(train["shell"])["data_kind"] == "raw" and train["res"]["gpu_model"] == "a100"
+
+
+def test_polypythias_segments_start_from_the_published_optimizer_state():
+    study = load_study(STUDIES / "polypythias-segments.yaml", root=ROOT)
+    cells = study.cells()
+    assert {(c.model.start_step, c.steps) for c in cells} == {(n, n + 1000) for n in SEGMENT_STARTS}
+    assert {c.model.name for c in cells} == {f"pythia-410m-seed8{a}-from{n}" for n in SEGMENT_STARTS
+                                             for a in ("", "-neoxadam")}
+    out = dry_run("polypythias-segments")
+    staged = {j["wildcards"] for j in jobs_of(out, "fetch_training_state")}
+    assert staged == {f"repo=EleutherAI/neox-ckpt-pythia-410m-seed8, step={n}" for n in SEGMENT_STARTS}
+    specs = {j["cell"]: spec_of(j["shell"]) for j in jobs_of(out, "train")}
+    for cell_id, spec in specs.items():
+        cell = study.cell(cell_id)
+        n = cell.model.start_step
+        assert spec["reference"] == f"./resources/training_states/EleutherAI/neox-ckpt-pythia-410m-seed8/step{n}"
+        assert (spec["start_step"], spec["steps"], spec["data_kind"]) == (n, n + 1000, "raw")
+        assert spec["adam_resume"] == ("neox" if "neoxadam" in cell_id else "continue")
+        assert spec["order_seed"] == cell.data.order_seed
+    # one verdict per segment: the documented order is passed for every segment model
+    (report,) = jobs_of(out, "report")
+    for n in SEGMENT_STARTS:
+        assert f"--documented pythia-410m-seed8-from{n}=standard-raw-seed8" in report["shell"]
+
+
+def test_pythia_14m_seed0_asks_the_init_and_the_data_half():
+    study = load_study(STUDIES / "pythia-14m-seed0.yaml", root=ROOT)
+    assert {c.data.name for c in study.cells()} == {"standard-preshuffled", "deduped-preshuffled"}
+    assert {(c.model.start_step, c.steps) for c in study.cells()} == {(0, 1000)} | {
+        (n, n + 1000) for n in SEGMENT_STARTS}
+    out = dry_run("pythia-14m-seed0")
+    (forensics,) = jobs_of(out, "forensics")
+    from retrace.forensics_target import forensics_entries
+
+    (entry,) = forensics_entries(study)
+    assert entry["model"] == "EleutherAI/neox-ckpt-pythia-14m-seed0" and entry["step"] == 0
+    assert {"EleutherAI/pythia-14m", "EleutherAI/pythia-14m-deduped"} <= set(entry["against"])
+    # the step-0 cells start from the weights (Adam's state is zero there); the segments from the staged
+    # training checkpoint (14m: FP16_Optimizer's state in mp_rank_00_model_states.pt)
+    for job in jobs_of(out, "train"):
+        spec = spec_of(job["shell"])
+        n = spec["start_step"]
+        repo = "EleutherAI/neox-ckpt-pythia-14m-seed0"
+        assert spec["reference"] == (f"./resources/training_states/{repo}/step{n}" if n else
+                                     f"./resources/references/{repo}/step0.safetensors")
+        assert spec["data_kind"] == "preshuffled" and spec["order_seed"] == 1234
+
+
+@pytest.mark.parametrize("study", ["polypythias-seeds", "polypythias-segments"])
+def test_training_on_the_rebuilt_standard_pile_waits_for_the_order_check(study):
+    out = dry_run(study)
+    (check,) = jobs_of(out, "order_check")
+    assert check["shell"].startswith("(retrace order-check --raw resources/data/pile/standard-raw-seed1234/")
+    assert "--preshuffled resources/data/pile/standard-preshuffled/document --seed 1234 --num-samples 147164160" \
+        in check["shell"] and "--items 10240" in check["shell"]
+    gate = "resources/order_check/standard-raw-seed1234.json"
+    for job in jobs_of(out, "train"):
+        gated = gate in job["input"]
+        assert gated == ("standard-raw" in job["cell"]), job["cell"]  # the deduped idxmap is published
+    # the gate's stream is fetched only as far as the items it compares (one shard)
+    from retrace.jobs import pile_needs
+
+    needs = pile_needs(load_study(STUDIES / f"{study}.yaml", root=ROOT), "standard-preshuffled")
+    assert (needs["first_item"], needs["max_items"]) == (0, 10240)
 
 
 # ------------------------------------------------------------------------------------------- audit

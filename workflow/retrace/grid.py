@@ -20,7 +20,8 @@ A cell id is the axis tokens joined by ``__``, always all axes, always in this o
     e.g. pythia-70m-deduped__deduped-raw__g2p4a1__a100__flash__torch2.4__s1234__to143000__fp16__builtin
 
 * ``<model>`` is the key under ``models``, followed by ``-from<N>`` when training resumes from a
-  published step N > 0; ``<data>`` is the key under ``data``; the others are the axis values.
+  published step N > 0 (each segment of ``models.<name>.segments`` is such a model); ``<data>`` is the
+  key under ``data``; the others are the axis values.
 * Every token matches ``[A-Za-z0-9]+([-._+][A-Za-z0-9]+)*``, so ``__`` only ever separates tokens and an
   id splits back into its axes; ids are valid file names and need no quoting.
 * An id depends on nothing but the cell's own axis values (never on which other values an axis has, or
@@ -36,6 +37,16 @@ axis at its baseline; the axes listed in ``cross`` are crossed in full and the d
 within each of their combinations (e.g. ``cross: [model, data]`` gives every model on every variant).
 In both designs a model with ``models.<name>.data`` is only paired with those data variants: the other
 cells are left out (ids of the remaining cells are unchanged).
+
+Segments
+--------
+``models.<name>.segments: {starts: [N1, N2, …], length: K}`` makes one model per start, named
+``<name>-from<N>`` (its cell-id token, its row in the cells table and its own verdict), which resumes
+from published step N and trains to N + K: the axis ``steps`` does not apply to it. With
+``optimizer_state`` (the default) a segment starts from the published ZeRO-1 optimizer state of a
+GPT-NeoX native repo (fp32 master, Adam moments, loss scale; the data position is the step), staged by
+the ``fetch_training_state`` rule; without it, from the weights alone with a fresh Adam. An offline
+study's own published run (``build``) is published in that layout with ``build.format: neox``.
 
 This module is pure Python (no torch, no Snakemake); the Snakefile and ``retrace cells`` call it.
 """
@@ -87,6 +98,9 @@ class Build:
     seed: int
     precision: str
     attention: str
+    format: str = "hf"  # "neox": published as GPT-NeoX training checkpoints with ZeRO-1 files
+    dp: int = 1  # format neox: ranks the ZeRO-1 state is partitioned over
+    max_elements_per_comm: int = 500_000_000
 
     @property
     def init_key(self) -> str:
@@ -116,6 +130,9 @@ class Model:
     build: Build | None = None
     data: tuple[str, ...] | None = None  # the data variants it is reproduced on (None: every one)
     settings: tuple[tuple[str, Any], ...] = ()
+    segment_of: str | None = None  # models.<segment_of>.segments made this model (named <segment_of>-from<N>)
+    end_step: int | None = None  # a segment's last step (replaces the steps axis)
+    optimizer_state: bool = False  # start from the published ZeRO-1 state (a GPT-NeoX native repo)
 
     @property
     def train_settings(self) -> dict[str, Any]:
@@ -131,7 +148,14 @@ class Model:
 
     @property
     def token(self) -> str:
-        return self.name if self.start_step == 0 else f"{self.name}-from{self.start_step}"
+        if self.segment_of is not None or self.start_step == 0:
+            return self.name
+        return f"{self.name}-from{self.start_step}"
+
+    @property
+    def build_name(self) -> str:
+        """The ``models`` key whose ``build`` (if any) makes this model's published run."""
+        return self.segment_of or self.name
 
     @property
     def is_local(self) -> bool:
@@ -436,7 +460,8 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
     for i, name in enumerate(axes["data"]):
         if name not in data:
             raise fail(f"axes.data[{i}]", f"unknown data variant {name!r} (defined under data: {', '.join(data)})")
-    axes["model"] = [models[n] for n in axes["model"]]
+    segmented = {name: _segments(m, config["models"][name], fail) for name, m in models.items()}
+    axes["model"] = [s for n in axes["model"] for s in segmented[n]]
     axes["data"] = [data[n] for n in axes["data"]]
     axes["parallel"] = [Parallel(**p) for p in axes["parallel"]]
     seen: dict[str, int] = {}
@@ -461,7 +486,8 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
             baseline[axis] = axes[axis][0]
             continue
         value = baseline_cfg[axis]
-        lookup = {"model": models, "data": data}.get(axis)
+        lookup = {"model": {n: ms[0] for n, ms in segmented.items()} | {m.name: m for m in axes["model"]},
+                  "data": data}.get(axis)
         value = lookup.get(value, value) if lookup else (Parallel(**value) if axis == "parallel" else value)
         if value not in axes[axis]:
             shown = value.name if hasattr(value, "name") else (value.as_dict() if axis == "parallel" else value)
@@ -539,13 +565,26 @@ def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fai
         build = Build(shape=tuple((k, int(b["shape"][k])) for k in ("n_layers", "hidden", "heads", "vocab", "seq_len")),
                       init_seed=int(b["init_seed"]), data=data[b["data"]], parallel=layout,
                       steps=int(b["steps"]), seed=int(b["seed"]), precision=b["precision"],
-                      attention=b["attention"])
+                      attention=b["attention"], format=b["format"], dp=int(b.get("dp") or layout.gpus),
+                      max_elements_per_comm=int(b["max_elements_per_comm"]))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = tuple((k, v) for k, v in spec.items() if k in fields and k not in _MODEL_KEYS)
     return Model(name=name, reference=spec["reference"], start_step=int(spec["start_step"]), recipe=size,
                  global_batch=int(global_batch), documented=spec.get("documented"),
                  hub_cache=spec.get("hub_cache"), build=build,
                  data=tuple(spec["data"]) if "data" in spec else None, settings=settings)
+
+
+def _segments(m: Model, spec: Mapping[str, Any], fail) -> list[Model]:
+    """The models ``models.<name>.segments`` makes (see the module doc); ``[m]`` without segments."""
+    seg = spec.get("segments")
+    if seg is None:
+        return [m]
+    if spec.get("start_step"):
+        raise fail(f"models.{m.name}.start_step", "set either start_step or segments (each segment has its start)")
+    return [dataclasses.replace(m, name=f"{m.name}-from{n}", start_step=int(n), segment_of=m.name,
+                                end_step=int(n) + int(seg["length"]), optimizer_state=bool(seg["optimizer_state"]))
+            for n in seg["starts"]]
 
 
 def _check_cells(study: Study, fail, root: Path) -> None:
@@ -576,8 +615,10 @@ def _check_cells(study: Study, fail, root: Path) -> None:
             i = axes["parallel"].index(lay)
             raise fail(f"axes.parallel[{i}]", f"gpus·pdbs·gas = {lay.gpus}·{lay.pdbs}·{lay.gas} = {lay.global_batch} "
                                                f"breaks the global batch {m.global_batch} of model {m.name!r}")
+        steps_key = (f"models.{m.segment_of}.segments" if m.end_step is not None
+                     else f"axes.steps[{steps_index.get(cell.steps)}]")
         if cell.steps <= m.start_step:
-            raise fail(f"axes.steps[{steps_index[cell.steps]}]",
+            raise fail(steps_key,
                        f"steps {cell.steps} is not beyond models.{m.name}.start_step {m.start_step}")
         if cell.data.source == "synthetic" and cell.data.format == "preshuffled":
             want = study.synthetic_seq_length()
@@ -596,12 +637,12 @@ def _check_cells(study: Study, fail, root: Path) -> None:
                                      else local_reference_steps(m.hub_cache, m.reference))
                 if m.start_step not in available[m.name]:
                     what = f"the run models.{m.name}.build makes" if built else f"hub cache {m.hub_cache}"
-                    raise fail(f"models.{m.name}.start_step",
+                    raise fail(f"models.{m.segment_of}.segments" if m.segment_of else f"models.{m.name}.start_step",
                                f"local reference {m.reference} in {what} has no branch "
                                f"step{m.start_step} (it has: {_show_steps(available[m.name])})")
             missing = [s for s in cell.checkpoint_steps() if s not in available[m.name]]
             if missing:
-                raise fail(f"axes.steps[{steps_index[cell.steps]}]",
+                raise fail(steps_key,
                            f"cells training model {m.name!r} to step {cell.steps} compare against step "
                            f"{missing[0]}, which local reference {m.reference} in {m.hub_cache} lacks "
                            f"(it has: {_show_steps(available[m.name])})")
@@ -634,6 +675,8 @@ def _expand(study: Study) -> list[Cell]:
                 for value in axes[axis]:
                     if value != study.baseline[axis]:
                         cells.append(Cell(**{**base, axis: value}))
+    # a segment trains to its own end (models.<name>.segments), whatever the steps axis says
+    cells = [dataclasses.replace(c, steps=c.model.end_step) if c.model.end_step is not None else c for c in cells]
     cells = [c for c in cells if c.model.reproduced_on(c.data.name)]  # models.<name>.data
     return list({c.id: c for c in cells}.values())
 

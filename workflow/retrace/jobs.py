@@ -56,10 +56,16 @@ def pile_needs(study: Study, variant_name: str) -> dict[str, Any]:
     if len(seq) > 1:
         raise RetraceError(f"data.{variant_name}: its cells train on sequence lengths {sorted(seq)}; a Pile "
                            "variant has one item length")
-    if variant.format == "raw" or not cells:
+    from retrace.rebuilt import preshuffled_items_needed
+
+    checked = preshuffled_items_needed(study, variant_name) if variant.format == "preshuffled" else None
+    if variant.format == "raw" or not (cells or checked):
         return {"max_items": None, "first_item": 0, "seq_length": seq.pop()}
-    return {"max_items": max(c.steps * c.model.global_batch for c in cells),
-            "first_item": min(c.model.start_step * c.model.global_batch for c in cells), "seq_length": seq.pop()}
+    if not cells:  # read only by an order check (retrace.rebuilt): its first items
+        return {"max_items": checked, "first_item": 0, "seq_length": seq.pop()}
+    return {"max_items": max([c.steps * c.model.global_batch for c in cells] + [checked or 0]),
+            "first_item": 0 if checked else min(c.model.start_step * c.model.global_batch for c in cells),
+            "seq_length": seq.pop()}
 
 
 def prepare_pile_variant(study: Study, variant_name: str, dest: str, record: str, log_path: str) -> None:

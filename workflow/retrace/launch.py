@@ -18,7 +18,9 @@ the local file ``./resources/references/<repo>/step{start}.safetensors`` that th
 local rule writes once, verified, with the source's config.json in its metadata (``start_weights``:
 an input of the train rule); the repo id the study names is kept as ``published`` (run.json, the
 manifest). Built references (``models.<name>.build``) are fetched the same way from their local hub
-cache once published. Engine neox cells still name the Hub spec: ``retrace neox-run`` converts the
+cache once published. A segment with the published optimizer state (``models.<name>.segments``) reads
+instead the GPT-NeoX training checkpoint ``./resources/training_states/<repo>/step{start}`` that the
+``fetch_training_state`` local rule stages (weights and ZeRO-1 files). Engine neox cells still name the Hub spec: ``retrace neox-run`` converts the
 weights itself and needs a GPT-NeoX native checkpoint (with its optimizer state) to start past step 0.
 
 Device: a GPU cell trains on ``cuda`` and checks that the GPU is the one its ``gpu_type`` names (with the
@@ -27,6 +29,7 @@ study's ``cluster.gpu_models`` name for it); a CPU cell trains on ``cpu``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from retrace import paths
@@ -55,9 +58,13 @@ def start_fetch_logs(cell: Cell) -> list[str]:
 
 
 def start_weights(cell: Cell) -> list[str]:
-    """The staged start checkpoint a cell's train job reads (``fetch_reference``'s output); [] for engine neox."""
+    """The staged start checkpoint a cell's train job reads: ``fetch_reference``'s parameters, or for a
+    segment with ``optimizer_state`` the GPT-NeoX training checkpoint ``fetch_training_state`` stages
+    (weights and ZeRO-1 state); [] for engine neox."""
     if cell.engine == "neox":
         return []
+    if cell.model.optimizer_state:
+        return [paths.training_state_dir(cell.model.reference_key, cell.model.start_step)]
     return [paths.reference_file(cell.model.reference_key, cell.model.start_step)]
 
 
@@ -91,10 +98,21 @@ def build_spec(study: Study, model: Model) -> TrainConfig:
     b = model.build
     if b is None:
         raise RetraceError(f"model {model.name} has no build section")
-    return _train_spec(study, model, data=b.data, parallel=b.parallel, attention=b.attention,
+    spec = _train_spec(study, model, data=b.data, parallel=b.parallel, attention=b.attention,
                        precision=b.precision, engine="builtin", steps=b.steps, seed=b.seed,
                        reference=paths.build_init_dir(b.init_key), start_step=0,
-                       out=paths.build_run_dir(model.name), device="cpu")
+                       out=paths.build_run_dir(model.build_name), device="cpu")
+    if b.format == "neox":  # every saved step is published with its optimizer state: keep them all
+        spec = dataclasses.replace(spec, keep_states=len(b.saved_steps()))
+    return spec
+
+
+def publish_flags(model: Model) -> str:
+    """``retrace reference publish`` flags of a built reference: its format (and ZeRO-1 partitioning)."""
+    b = model.build
+    if b is None or b.format == "hf":
+        return ""
+    return f"--format neox --dp {b.dp} --max-elements-per-comm {b.max_elements_per_comm}"
 
 
 def _train_spec(study: Study, m: Model, *, data, parallel, attention, precision, engine, steps, seed,

@@ -11,6 +11,8 @@ Paths::
     results/logs/<rule>/<cell>.log                     the log of each rule's job for that cell
     results/tables/, results/report/                   aggregate and report
     resources/data/..., resources/references/<repo>/step{N}.safetensors (+ steps{A}-{B}.json records)
+    resources/training_states/<repo>/step{N}/          a GPT-NeoX training checkpoint with its ZeRO-1
+                                                       state (`latest`, global_step{N}/), a segment's start
 """
 
 from __future__ import annotations
@@ -105,6 +107,11 @@ def reference_dir(key: str) -> str:
 
 def reference_file(key: str, step: int) -> str:
     return f"{reference_dir(key)}/{rundir.checkpoint_name(step)}"
+
+
+def training_state_dir(key: str, step: int) -> str:
+    """The staged GPT-NeoX training checkpoint of published step ``step`` (``fetch_training_state``)."""
+    return f"{RESOURCES}/training_states/{key}/step{int(step)}"
 
 
 def reference_steps(key: str, first: int, last: int) -> str:

@@ -153,9 +153,11 @@ def study_plan(study: Study, *, mfu: dict[str, float] | None = None) -> StudyPla
     """Downloads, disk, memory and time of a whole study."""
     from retrace.data.variants import plan_variant_fetch
     from retrace.jobs import pile_needs
+    from retrace.rebuilt import order_check_entries
 
     plan = StudyPlan(study.name)
-    for name in dict.fromkeys(c.data.name for c in study.cells()):
+    gates = [e["preshuffled"] for e in order_check_entries(study)]  # streams read only by an order check
+    for name in dict.fromkeys([c.data.name for c in study.cells()] + gates):
         v = study.data[name]
         if v.source != "pile":
             plan.data.append({"variant": name, "source": v.source, "fetch_bytes": 0, "disk_bytes": 0, "exact": True})
@@ -179,6 +181,17 @@ def study_plan(study: Study, *, mfu: dict[str, float] | None = None) -> StudyPla
         m = models[repo]
         size = 2 * model_shape(m).n_params * len(steps)
         plan.references.append({"repo": repo, "steps": len(steps), "local": m.is_local,
+                                "fetch_bytes": 0 if m.is_local else size, "disk_bytes": size})
+    # segments' starts with the published optimizer state (fetch_training_state): fp16 weights plus the fp32
+    # master and two Adam moments, 2 + 3·4 bytes per parameter (staged as hard links to the hub cache)
+    starts: dict[str, set[int]] = {}
+    for c in study.cells():
+        if c.model.optimizer_state:
+            starts.setdefault(c.model.reference, set()).add(c.model.start_step)
+    for repo, steps in starts.items():
+        m = models[repo]
+        size = (2 + 3 * 4) * model_shape(m).n_params * len(steps)
+        plan.references.append({"repo": repo, "steps": len(steps), "local": m.is_local, "what": "training states",
                                 "fetch_bytes": 0 if m.is_local else size, "disk_bytes": size})
     plan.cells = [cell_plan(study, c, mfu=mfu) for c in study.cells()]
     return plan
@@ -219,7 +232,7 @@ def render(plan: StudyPlan, *, max_cells: int | None = None) -> str:
              f"GPU-hours {plan.gpu_hours:,.1f}"]
     for d in plan.data:
         extra = ""
-        if "legacy_fetch_bytes" in d:
+        if d.get("legacy_fetch_bytes") is not None:  # None: raw data has no merged-copy alternative
             extra = (f" ({d['shards']} shard(s); a full download and merge would be {_size(d['legacy_fetch_bytes'])}"
                      f" + {_size(d['legacy_disk_bytes'] - d['legacy_fetch_bytes'])})")
         bound = "" if d["exact"] else " at least"
@@ -227,7 +240,8 @@ def render(plan: StudyPlan, *, max_cells: int | None = None) -> str:
                      f"disk{bound} {_size(d['disk_bytes'])}{extra}")
     for r in plan.references:
         where = "local hub cache" if r["local"] else "Hub"
-        lines.append(f"reference {r['repo']} ({where}): {r['steps']} step(s), fetch {_size(r['fetch_bytes'])}, "
+        what = f" {r['what']}" if r.get("what") else ""
+        lines.append(f"reference {r['repo']}{what} ({where}): {r['steps']} step(s), fetch {_size(r['fetch_bytes'])}, "
                      f"disk {_size(r['disk_bytes'])}")
     shown = plan.cells if max_cells is None else plan.cells[:max_cells]
     for c in shown:

@@ -12,7 +12,7 @@ sys.path.insert(
     0, str(Path(workflow.basedir) / "workflow")
 )  # this checkout's package, first
 
-from retrace import jobs, launch, plan
+from retrace import forensics_target, jobs, launch, plan, rebuilt
 from retrace import paths as layout
 from retrace import rundir
 from retrace.grid import CELL_ID_PATTERN, TOKEN, load_study
@@ -155,6 +155,55 @@ def pile_source(wildcards):
     }
 
 
+def pile_inputs(wildcards):
+    """A variant whose copy the study tokenizes itself waits for PREFIX.bin/.idx (retrace.rebuilt)."""
+    return rebuilt.tokenized_inputs(STUDY, variant_of(wildcards))
+
+
+def tokenize_inputs(wildcards):
+    entry = rebuilt.tokenize_entry(STUDY, wildcards.prefix)
+    return {"jsonl": list(entry["input"]), "tokenizer": entry["tokenizer"]}
+
+
+def tokenize_threads(wildcards):
+    return int(rebuilt.tokenize_entry(STUDY, wildcards.prefix).get("workers", 1))
+
+
+def order_check_model(variant):
+    """A model trained on the raw variant: its (num_samples, seq_length) name the maps to check."""
+    for cell in STUDY.cells():
+        if cell.data.name == variant.name:
+            return cell.model
+    raise ValueError(f"order_check: no cell trains on {variant.name!r}")
+
+
+def order_check_inputs(wildcards):
+    entry = rebuilt.order_check_entry(STUDY, wildcards.variant)
+    raw, pre = STUDY.data[entry["raw"]], STUDY.data[entry["preshuffled"]]
+    return {
+        "raw": data_ready(raw),
+        "preshuffled": data_ready(pre),
+        "maps": order_record(raw, order_check_model(raw)),
+    }
+
+
+def order_check_job(wildcards):
+    """The `retrace order-check` flags of one entry: both prefixes, the maps' key, the items compared."""
+    entry = rebuilt.order_check_entry(STUDY, wildcards.variant)
+    raw, pre = STUDY.data[entry["raw"]], STUDY.data[entry["preshuffled"]]
+    num_samples, seq_length = order_check_model(raw).order_key()
+    seed = STUDY.synthetic["seed"]
+    return " ".join(
+        [
+            f"--raw {shlex.quote(layout.data_prefix(raw, seed))}",
+            f"--preshuffled {shlex.quote(layout.data_prefix(pre, seed))}",
+            f"--seed {entry['seed']} --num-samples {num_samples} --seq-length {seq_length}",
+            f"--items {entry['items']} --start {entry['start']}",
+            f"--maps-dir {shlex.quote(layout.order_dir(raw))}",
+        ]
+    )
+
+
 def order_record(variant, model):
     """The order maps a model's run on a variant needs (raw data, or preshuffled with shuffle_samples)."""
     if variant.format != "raw" and not variant.shuffle_samples:
@@ -211,7 +260,7 @@ def reference_model(wildcards):
 
 def built_record(model):
     """A built reference is read only once published (its record is written last); [] for the others."""
-    return [layout.built_record(model.name)] if model.build is not None else []
+    return [layout.built_record(model.build_name)] if model.build is not None else []
 
 
 def published_record(wildcards):
@@ -265,6 +314,10 @@ def reference_repo(wildcards):
     return built_model(wildcards).reference
 
 
+def reference_publish_flags(wildcards):
+    return launch.publish_flags(built_model(wildcards))
+
+
 def reference_hub_cache(wildcards):
     return built_model(wildcards).hub_cache
 
@@ -280,6 +333,8 @@ def train_inputs(wildcards):
         "published": built_record(cell.model),
         "order": order_record(cell.data, cell.model),
         "start": launch.start_weights(cell),
+        # a rebuilt corpus must reproduce the published stream first (study key order_check)
+        "gate": rebuilt.gate_for(STUDY, cell.data),
     }
 
 

@@ -48,3 +48,22 @@ rule cross_generation:
         entries=jobs.cross_generation_entries(STUDY),
     run:
         jobs.write_cross_generation(STUDY, output[0], log[0])
+
+
+# Step-0 forensics (optional study key `forensics`): each listed repo's checkpoint at a step against other
+# repos' (`retrace compare --forensics`): identical, same scheme with another RNG, different scheme...
+# Where Snakemake runs (localrule), reading the Hub or a local reference's hub cache, like the audit.
+
+
+rule forensics:
+    output:
+        json=forensics_target.FORENSICS_JSON,
+        text=forensics_target.FORENSICS_TEXT,
+    log:
+        "results/logs/forensics/forensics.log",
+    localrule: True
+    params:
+        # the pairs: changing them reruns the target
+        entries=forensics_target.forensics_entries(STUDY),
+    run:
+        forensics_target.write_forensics(STUDY, output.json, output.text, log[0])

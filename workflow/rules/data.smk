@@ -23,6 +23,9 @@ rule synth_data:
 
 
 rule pile_data:
+    input:
+        # a copy the study tokenizes itself (study key tokenize) is read once written
+        pile_inputs,
     output:
         "resources/data/pile/{variant}.json",
     log:
@@ -62,3 +65,49 @@ rule order_maps:
             " --num-samples {wildcards.num_samples} --seq-length {wildcards.seq_length}"
             " --seed {wildcards.order_seed} --cache-dir resources/order/{wildcards.variant} --marker {output:q}"
         )
+
+
+# A corpus published only as jsonl (the standard Pile), tokenized by the workflow (study key `tokenize`):
+# GPT-NeoX v1.0's preprocess_data.py --append-eod with the model's tokenizer.json, resumable, atomic.
+
+
+rule tokenize:
+    input:
+        unpack(tokenize_inputs),
+    output:
+        bin="{prefix}.bin",
+        idx="{prefix}.idx",
+    log:
+        "results/logs/tokenize/{prefix}.log",
+    wildcard_constraints:
+        prefix=rebuilt.tokenize_prefix_pattern(STUDY),
+    conda:
+        TOOLS_ENV
+    threads: tokenize_threads
+    shell:
+        logged(
+            "retrace tokenize --input {input.jsonl:q} --tokenizer {input.tokenizer:q} --workers {threads}"
+            " --output {wildcards.prefix:q}"
+        )
+
+
+# The gate before training on an order rebuilt over such a corpus (study key `order_check`): the index
+# maps over it must give the published preshuffled stream item for item; the record is written only on
+# a match, and every cell on a raw variant over the same copy waits for it.
+
+
+rule order_check:
+    input:
+        unpack(order_check_inputs),
+    output:
+        "resources/order_check/{variant}.json",
+    log:
+        "results/logs/order_check/{variant}.log",
+    localrule: True
+    conda:
+        TOOLS_ENV
+    threads: 1
+    params:
+        flags=order_check_job,
+    shell:
+        logged("retrace order-check {params.flags} --out {output:q}")

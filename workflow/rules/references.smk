@@ -93,8 +93,35 @@ rule reference_publish:
     params:
         repo=reference_repo,
         hub_cache=reference_hub_cache,
+        # build.format neox: GPT-NeoX training checkpoints with ZeRO-1 files (retrace.neox.zero_export)
+        flags=reference_publish_flags,
     shell:
         logged(
             "retrace reference publish --run resources/build/{wildcards.model}/run --config {input.config:q}"
-            " --hub-cache {params.hub_cache:q} --repo {params.repo:q} --record {output:q}"
+            " --hub-cache {params.hub_cache:q} --repo {params.repo:q} {params.flags} --record {output:q}"
+        )
+
+
+# A segment's start (models.<name>.segments with optimizer_state): the published GPT-NeoX training
+# checkpoint with its ZeRO-1 optimizer files, staged once per (repo, step) as a save directory.
+
+
+rule fetch_training_state:
+    input:
+        published=published_record,
+    output:
+        directory("resources/training_states/{repo}/step{step}"),
+    log:
+        "results/logs/fetch_training_state/{repo}/step{step}.log",
+    localrule: True
+    conda:
+        TOOLS_ENV
+    threads: 1
+    resources:
+        downloads=1,
+    params:
+        env=fetch_env,
+    shell:
+        logged(
+            "env {params.env} retrace fetch-state --source {wildcards.repo}@step{wildcards.step} --out {output:q}"
         )

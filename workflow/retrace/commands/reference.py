@@ -8,6 +8,11 @@
         step<N> of org/name in a Hugging Face hub cache (retrace.checkpoints.publish_to_hub_cache), so the
         study reads it exactly as it reads a downloaded Pythia repo. The manifest of what was published is
         written last (--record).
+        With --format neox each step is published as a GPT-NeoX training checkpoint instead, as the
+        NeoX-native repos (EleutherAI/neox-ckpt-pythia-*) hold them: global_step<N>/ with the layer files,
+        mp_rank_00_model_states.pt and, where the run kept its resume state of that step (--keep-states),
+        DeeperSpeed's ZeRO-1 optimizer files for --dp ranks (retrace.neox.zero_export), plus `latest`.
+        A step without a kept state (the start step) is published with its weights only.
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     pub.add_argument("--hub-cache", required=True, help="the hub cache directory (HF_HUB_CACHE layout)")
     pub.add_argument("--repo", required=True, help="org/name")
     pub.add_argument("--record", default=None, help="JSON written last: the steps published and their commits")
+    pub.add_argument("--format", choices=("hf", "neox"), default="hf",
+                     help="hf: model.safetensors per branch (default); neox: a GPT-NeoX training checkpoint")
+    pub.add_argument("--dp", type=int, default=1, help="--format neox: data-parallel ranks the ZeRO-1 state "
+                     "is partitioned over (default 1)")
+    pub.add_argument("--max-elements-per-comm", type=int, default=500_000_000,
+                     help="--format neox: DeeperSpeed's comm interval (the config's reduce_bucket_size; "
+                     "default Pythia's 5e8)")
     pub.set_defaults(func=run_publish)
 
 
@@ -84,8 +96,11 @@ def run_publish(args: argparse.Namespace) -> int:
     published = {}
     for step in manifest["steps"]:
         ckpt = manifest_path.parent / f"step{step}.safetensors"
-        snapshot = publish_to_hub_cache(args.hub_cache, args.repo, f"step{step}",
-                                        {"config.json": config, "model.safetensors": ckpt})
+        if args.format == "neox":
+            snapshot = _publish_neox_step(args, step, config)
+        else:
+            snapshot = publish_to_hub_cache(args.hub_cache, args.repo, f"step{step}",
+                                            {"config.json": config, "model.safetensors": ckpt})
         published[f"step{step}"] = snapshot.name
         print(f"reference publish: {args.repo}@step{step} <- {ckpt}", file=sys.stderr, flush=True)
     if args.record:
@@ -93,3 +108,33 @@ def run_publish(args: argparse.Namespace) -> int:
                                  "commits": published})
     print(f"reference publish: {len(published)} steps of {args.repo} in {args.hub_cache}", file=sys.stderr)
     return 0
+
+
+def _publish_neox_step(args: argparse.Namespace, step: int, config) -> object:
+    """One step of the run as a GPT-NeoX training checkpoint in branch step<N> (see the module doc)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from retrace.checkpoints import publish_to_hub_cache
+    from retrace.model import config_from_hf
+    from retrace.neox.export import export_neox_checkpoint
+    from retrace.neox.zero_export import export_training_checkpoint
+    from retrace.train import state as st
+
+    cfg = config_from_hf(json.loads(Path(config).read_text(encoding="utf-8")))
+    run = Path(args.run)
+    with tempfile.TemporaryDirectory(prefix="retrace-neox-publish-") as tmp:
+        if (st.state_dir(run / "state", step) / st.STATE_JSON).is_file():
+            step_dir = export_training_checkpoint(run, step, tmp, cfg=cfg, dp=args.dp,
+                                                  max_elements_per_comm=args.max_elements_per_comm)
+        else:
+            step_dir = export_neox_checkpoint(load_file(str(run / "checkpoints" / f"step{step}.safetensors")),
+                                              tmp, step=step, cfg=cfg)
+        files = {f"{step_dir.name}/{p.name}": p for p in sorted(step_dir.iterdir()) if p.is_file()}
+        files[f"{step_dir.name}/config.json"] = Path(config)
+        files["config.json"] = Path(config)
+        files["latest"] = Path(tmp) / "latest"
+        return publish_to_hub_cache(args.hub_cache, args.repo, f"step{step}", files)

@@ -134,13 +134,15 @@ def export_neox_checkpoint(
     neox_args: Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.float16,
     layout: str = "pipeline",
+    client: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``out_dir/global_step{step}/`` and ``out_dir/latest`` (module docstring); returns the step dir.
 
     ``params_or_reader`` is a ``ParamReader`` or a canonical state dict (``GPTNeoX.state_dict()``); it
     must fit ``cfg`` exactly (``retrace.checkpoints.check_fits``), else one ``RetraceError`` naming the
     tensors. ``dtype`` fp16 by default (what GPT-NeoX saves under fp16); ``layout`` ``pipeline``
-    (pp ≥ 1) or ``sequential`` (pp = 0).
+    (pp ≥ 1) or ``sequential`` (pp = 0). ``client`` replaces entries of the client state (a training
+    checkpoint's LR-scheduler state, dp world size: ``retrace.neox.zero_export``).
     """
     from retrace.checkpoints.sources import check_fits
 
@@ -164,7 +166,7 @@ def export_neox_checkpoint(
             _save(state, step_dir / layer_file(idx))
     else:
         module = {f"sequential.{idx}.{key}": t for idx, state in states.items() for key, t in state.items()}
-    _save(client_state(step, cfg, neox_args, module), step_dir / "mp_rank_00_model_states.pt")
+    _save({**client_state(step, cfg, neox_args, module), **dict(client or {})}, step_dir / "mp_rank_00_model_states.pt")
     with atomic_open(latest, "w", encoding="utf-8") as fh:
         fh.write(tag)
     return step_dir

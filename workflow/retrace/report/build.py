@@ -13,6 +13,8 @@ failed run leaves the previous report or nothing, and two concurrent runs each l
     tables/cells_final.csv           every cell at its final step (axes, θ Cos, L2, last loss if logged)
     tables/cross_generation.{csv,md} only when the tables hold cross_generation.parquet (`retrace
                                      cross-compare`): a published model vs other repos at the same steps
+    tables/segments.{csv,md}         only for a study with segments (``retrace.report.segments``): each
+                                     segment per data variant at its end step, bit-for-bit count, verdict
     tables/references.csv            only with ``references``: each fetched reference's repo, step,
                                      commit and whether it was verified (``retrace.checkpoints.record``)
     figures/trajectory_<model>.png   1 − θ Cos and L2 over steps, one line per data variant
@@ -37,6 +39,7 @@ from retrace.compare import cross as CROSS
 from retrace.errors import RetraceError
 from retrace.io import default_dir_mode, replace_dir, write_json
 from retrace.report import generations
+from retrace.report import segments as SEG
 from retrace.report import tables as T
 from retrace.report.frames import DATA, MODEL, axis_columns, fmt_cos, fmt_num, read_parquet, show
 from retrace.report.trajectories import factor_figure, figure_name, trajectory_figure
@@ -87,6 +90,7 @@ def _index_html(
     final: pd.DataFrame, figures: list[tuple[str, Path]], steps: Sequence[int],
     cross_fragment: str | None = None,
     references_fragment: str | None = None,
+    segments_fragment: str | None = None,
 ) -> str:
     esc = html.escape
     models = sorted(sim[MODEL].astype(str).unique())
@@ -119,8 +123,10 @@ def _index_html(
         '<h2 id="verdict">Verdict</h2>',
         f'<ul class="verdict-summary">{"".join(summary)}</ul>',
         f"<details open><summary>verdict.txt (evidence and method)</summary><pre>{esc(verdict_txt)}</pre></details>",
-        '<h2 id="factors">Factor tables</h2>',
     ]
+    if segments_fragment is not None:
+        parts += ['<h2 id="segments">Segments</h2>', segments_fragment]
+    parts.append('<h2 id="factors">Factor tables</h2>')
     if not factor_parts:
         parts.append("<p>No axis other than model and data takes more than one value.</p>")
     for factor, fragment in factor_parts:
@@ -258,6 +264,12 @@ def build_report(
                 f"### Versus other generations\n\n{generations.to_markdown(cross)}", encoding="utf-8"
             )
             cross_fragment = generations.to_html(cross)
+        segments_fragment = None
+        seg = SEG.segment_table(sim, vs)
+        if not seg.empty:
+            seg.to_csv(tmp / "tables" / "segments.csv", index=False)
+            (tmp / "tables" / "segments.md").write_text(f"### Segments\n\n{SEG.to_markdown(seg)}", encoding="utf-8")
+            segments_fragment = SEG.to_html(seg)
         references_fragment = None
         if refs is not None:
             refs.to_csv(tmp / "tables" / "references.csv", index=False)
@@ -272,7 +284,8 @@ def build_report(
                 path = factor_figure(sub, factor, tmp / "figures" / name)
                 figures.append((f"{model}: 1 − θ Cos and L2 over steps by {factor.name}", path))
         (tmp / "index.html").write_text(
-            _index_html(sim, vs, text, factor_parts, final, figures, steps, cross_fragment, references_fragment),
+            _index_html(sim, vs, text, factor_parts, final, figures, steps, cross_fragment, references_fragment,
+                        segments_fragment),
             encoding="utf-8",
         )
         replace_dir(tmp, out, check=_check_replaceable)

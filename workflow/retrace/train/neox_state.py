@@ -21,6 +21,13 @@ file raw; this module puts the partitions back together (DeeperSpeed ``eb7f5cff`
 * Adam's step counter: apex FusedAdam keeps it in the param group, which elastic checkpoints do not
   save; then it is taken as the LR scheduler's ``num_iters`` (both advance only on applied updates).
 
+ZeRO stage 0 (14m/31m): no ``zero_pp_rank`` files; DeepSpeed's engine saves ``FP16_Optimizer.state_dict()``
+as the client state's ``optimizer`` (``runtime/fp16/fused_optimizer.py`` ``state_dict``): ``cur_scale``,
+``cur_iter``, ``last_overflow_iter``, ``scale_factor``, ``scale_window``, ``fp32_groups_flat`` (one flat
+fp32 master per weight-decay group, in group order) and ``optimizer_state_dict`` (the wrapped FusedAdam's
+``state_dict()``: ``state[i]`` = the i-th flat group's ``exp_avg``/``exp_avg_sq``, ``param_groups`` with
+apex's ``step``, which this form does save). ``_stage0_state`` reads it.
+
 Tensor-parallel checkpoints (mp > 1) are not reassembled (moments cannot be merged like weights).
 Not verified against a published checkpoint; built from the DeeperSpeed source as described.
 """
@@ -139,7 +146,7 @@ def open_optimizer_state(source: str, shapes: dict[str, tuple[int, ...]] | None 
     step_dir = resolve_neox_dir(path)
     files = zero_optimizer_files(step_dir)
     if not files:
-        return None
+        return _stage0_state(step_dir, shapes, n_layers)
     mps = sorted({mp for _, mp in files})
     if mps != [0]:
         warnings.warn(f"{step_dir}: tensor-parallel (mp={len(mps)}) ZeRO optimizer state is not reassembled; "
@@ -210,3 +217,57 @@ def open_optimizer_state(source: str, shapes: dict[str, tuple[int, ...]] | None 
                               lr_iter=int(lr_iter) if lr_iter is not None else None,
                               iteration=int(iteration) if iteration is not None else None,
                               loss_scaler=_scaler_state(osd[0].get("loss_scaler")), source=str(step_dir))
+
+
+def _stage0_state(step_dir: Path, shapes: dict[str, tuple[int, ...]] | None,
+                  n_layers: int | None) -> NeoXOptimizerState | None:
+    """The ``FP16_Optimizer`` state of a ZeRO stage-0 checkpoint (module doc), or None when it has none."""
+    from retrace.checkpoints.neox import load_client_state
+
+    try:
+        client = load_client_state(step_dir, 0)
+    except RetraceError:
+        return None
+    osd = client.get("optimizer")
+    if not isinstance(osd, dict) or "fp32_groups_flat" not in osd:
+        return None
+    if shapes is None or n_layers is None:
+        from retrace.checkpoints import open_params
+
+        with open_params(str(step_dir)) as reader:
+            shapes = {n: tuple(reader.shape(n)) for n in reader.names()}
+        n_layers = 1 + max(int(n.split(".")[2]) for n in shapes if n.startswith("gpt_neox.layers."))
+    order = neox_group_order(n_layers)
+    flats = _as_list(osd["fp32_groups_flat"])
+    inner = osd.get("optimizer_state_dict") or {}
+    state, groups = inner.get("state", {}), inner.get("param_groups", [])
+    if len(flats) != len(order):
+        raise RetraceError(f"{step_dir}: FP16_Optimizer state holds {len(flats)} groups, GPT-NeoX has {len(order)}")
+    master: dict[str, torch.Tensor] = {}
+    exp_avg: dict[str, torch.Tensor] = {}
+    exp_avg_sq: dict[str, torch.Tensor] = {}
+    for g, names in enumerate(order):
+        numel = sum(int(torch.Size(shapes[n]).numel()) for n in names)
+        index = groups[g]["params"][0] if g < len(groups) and groups[g].get("params") else g
+        moments = state.get(index, {})
+        for dest, flat in ((master, flats[g]), (exp_avg, moments.get("exp_avg")), (exp_avg_sq, moments.get("exp_avg_sq"))):
+            if flat is None:
+                raise RetraceError(f"{step_dir}: FP16_Optimizer state of group {g} has no Adam moments")
+            if flat.numel() < numel:
+                raise RetraceError(f"{step_dir}: FP16_Optimizer group {g} holds {flat.numel()} elements for {numel}")
+            dest.update(_split(flat.reshape(-1).float()[:numel], names, shapes))
+    # apex counts every FusedAdam.step call, the constructor's init step included (reference §7 item 1):
+    # after k applied updates it holds k + 1
+    step = next((int(pg["step"]) - 1 for pg in groups if "step" in pg), None)
+    lr_state = client.get("lr_scheduler") or {}
+    lr_iter = lr_state.get("num_iters") if isinstance(lr_state, dict) else None
+    if step is None and lr_iter is not None:
+        step = int(lr_iter)
+    iteration = client.get("iteration", client.get("global_steps"))
+    scaler = {"scale": osd.get("cur_scale"), "cur_iter": osd.get("cur_iter"),
+              "last_overflow_iter": osd.get("last_overflow_iter"), "factor": osd.get("scale_factor"),
+              "window": osd.get("scale_window")}
+    return NeoXOptimizerState(master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, step=step,
+                              lr_iter=int(lr_iter) if lr_iter is not None else None,
+                              iteration=int(iteration) if iteration is not None else None,
+                              loss_scaler={k: v for k, v in scaler.items() if v is not None}, source=str(step_dir))
