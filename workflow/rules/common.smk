@@ -280,6 +280,7 @@ def train_inputs(wildcards):
         "published": built_record(cell.model),
         "order": order_record(cell.data, cell.model),
         "start": launch.start_weights(cell),
+        "gate": layout.start_gate(cell.model.name),
     }
 
 
@@ -342,6 +343,7 @@ def compare_inputs(wildcards):
     return {
         "manifest": layout.manifest(cell.id),
         "references": reference_steps_record(cell),
+        "findings": layout.findings(cell.model.reference_key),
     }
 
 
@@ -352,6 +354,8 @@ def compare_job(wildcards):
         "reference": model.reference,
         "reference_dir": layout.reference_dir(model.reference_key),
         "env": hub_env(model),
+        "findings": layout.findings(model.reference_key),
+        "accept": " ".join(f"--accept {shlex.quote(b)}" for b in model.accept),
     }
 
 
@@ -377,6 +381,14 @@ def report_documented(wildcards):
 
 
 # ------------------------------------------------------------------------------------------ audit
+
+
+def gate_findings(wildcards):
+    return layout.findings(STUDY.models[wildcards.model].reference_key)
+
+
+def gate_accept(wildcards):
+    return list(STUDY.models[wildcards.model].accept)
 
 
 def audit_published(wildcards):
