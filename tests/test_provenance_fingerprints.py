@@ -1,0 +1,117 @@
+"""Per-step fingerprints (retrace.train.fingerprints) in real training runs, and `retrace diverge`.
+
+The batch hash must be the same at every step for every gpus × pdbs × gas layout of one global batch
+(simulated ranks, real 2-process gloo ranks), equal to `retrace batch --hash` computed from the data
+alone, and differ on other data. The weight checksum is checked against an independent numpy replay of
+its documented formula, and against the checkpoints themselves: where two runs' checksums agree their
+saved weights are bitwise equal, and where `retrace diverge` says they part, the saved weights differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from retrace.cli import main
+from retrace.compare.diverge import diverge
+from retrace.train import TrainConfig, train
+from retrace.train.fingerprints import CHUNK, param_fingerprint
+from test_train_helpers import SEQ, B, load_ckpt, make_data
+
+STEPS = 6
+
+
+def numpy_fingerprint(params: dict[str, torch.Tensor]) -> str:
+    """The documented formula, replayed with numpy and Python integers (no torch arithmetic)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(params):
+        t = params[name]
+        words = t.contiguous().reshape(-1).numpy().view(np.uint16).astype(object)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        for start in range(0, len(words), CHUNK):
+            x = words[start:start + CHUNK]
+            s1 = int(sum(x))
+            s2 = int(sum(int(v) * (i + 1) for i, v in enumerate(x)))
+            h.update(np.array([s1, s2], dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def test_param_fingerprint_formula_and_sensitivity():
+    g = torch.Generator().manual_seed(0)
+    params = {"b.weight": torch.randn(3000, generator=g).half(), "a.bias": torch.randn(7, generator=g),
+              "c.big": torch.randn(CHUNK + 5, generator=g).half()}
+    small = {k: v for k, v in params.items() if k != "c.big"}
+    assert param_fingerprint(small.items()) == numpy_fingerprint(small)
+    fp = param_fingerprint(params.items())
+    assert fp == param_fingerprint(reversed(list(params.items())))  # by name, not by order given
+    flipped = {k: v.clone() for k, v in params.items()}
+    flipped["c.big"].view(torch.int16)[CHUNK + 2] ^= 1  # one bit, in the second chunk
+    assert param_fingerprint(flipped.items()) != fp
+    swapped = {k: v.clone() for k, v in params.items()}
+    w = swapped["b.weight"]
+    w[0], w[1] = params["b.weight"][1], params["b.weight"][0]  # same values, other places
+    assert w[0] != w[1] and param_fingerprint(swapped.items()) != fp
+
+
+@pytest.fixture(scope="module")
+def runs(world):
+    make_data(world / "data" / "other", SEQ, 40 * B, seed=1)
+    cfgs = {"1x8x1": (1, 8, 1, {}), "1x8x1-again": (1, 8, 1, {}), "1x4x2": (1, 4, 2, {}),
+            "2x2x2-sim": (2, 2, 2, {"simulate_ranks": True}), "2x4x1": (2, 4, 1, {}),
+            "other-data": (1, 8, 1, {"data": str(world / "data" / "other")})}
+    out = {}
+    for name, (gpus, pdbs, gas, over) in cfgs.items():
+        kw = dict(reference=str(world / "ref"), data=str(world / "data" / "tiny"), out=str(world / name),
+                  steps=STEPS, recipe="70m", global_batch=B, seq_length=SEQ, train_iters=100, lr=2e-3, gpus=gpus,
+                  pdbs=pdbs, gas=gas, precision="fp16", threads=1, progress=False, save_steps=[1, 2, 3, 4, 5, 6])
+        kw.update(over)
+        train(TrainConfig(**kw))
+        out[name] = world / name
+    return out
+
+
+def log(run):
+    return pd.read_parquet(run / "train_log.parquet").set_index("step")
+
+
+def test_batch_hash_same_for_every_layout_and_equals_retrace_batch(runs, world, capsys):
+    base = log(runs["1x8x1"])
+    assert list(base.index) == list(range(1, STEPS + 1))
+    assert base["batch_hash"].nunique() == STEPS  # every step its own batch
+    for name in ("1x4x2", "2x2x2-sim", "2x4x1"):
+        assert list(log(runs[name])["batch_hash"]) == list(base["batch_hash"]), name
+    for step in range(STEPS):  # the same value from the data alone
+        assert main(["batch", "--data", str(world / "data" / "tiny"), "--kind", "preshuffled",
+                     "--seq-length", str(SEQ), "--global-batch", str(B), "--step", str(step), "--hash"]) == 0
+        line = capsys.readouterr().out.strip()
+        assert line == f"step {step} items {B * step}..{B * step + B - 1} batch_hash {base.loc[step + 1, 'batch_hash']}"
+    other = log(runs["other-data"])
+    assert (other["batch_hash"] != base["batch_hash"]).all()
+
+
+def test_param_fingerprints_match_the_checkpoints(runs):
+    for name, run in runs.items():
+        frame = log(run)
+        for step in frame.index:
+            assert frame.loc[step, "param_fp"] == param_fingerprint(load_ckpt(run / "checkpoints" / f"step{step}.safetensors").items()), (name, step)
+
+
+def test_diverge_agrees_with_the_checkpoints(runs, capsys):
+    same = diverge(runs["1x8x1"], runs["1x8x1-again"])
+    assert same.first_param is None and same.first_batch is None and same.last_common == STEPS
+    for name in ("1x4x2", "2x2x2-sim", "2x4x1", "other-data"):
+        d = diverge(runs["1x8x1"], runs[name])
+        assert (d.first_batch is not None) == (name == "other-data")
+        for step in range(1, STEPS + 1):  # the verdict, checked against the saved weights bit for bit
+            a = load_ckpt(runs["1x8x1"] / "checkpoints" / f"step{step}.safetensors")
+            b = load_ckpt(runs[name] / "checkpoints" / f"step{step}.safetensors")
+            equal = all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in a)
+            assert equal == (d.first_param is None or step < d.first_param), (name, step)
+    assert main(["diverge", str(runs["1x8x1"]), str(runs["other-data"])]) == 0
+    out = capsys.readouterr().out
+    assert "first divergent step: 1" in out or "first divergent step: 2" in out
+    assert "batches differ from step 1" in out
