@@ -78,6 +78,7 @@ def log(run):
     return pd.read_parquet(run / "train_log.parquet").set_index("step")
 
 
+@pytest.mark.slow
 def test_batch_hash_same_for_every_layout_and_equals_retrace_batch(runs, world, capsys):
     base = log(runs["1x8x1"])
     assert list(base.index) == list(range(1, STEPS + 1))
@@ -93,6 +94,7 @@ def test_batch_hash_same_for_every_layout_and_equals_retrace_batch(runs, world, 
     assert (other["batch_hash"] != base["batch_hash"]).all()
 
 
+@pytest.mark.slow
 def test_param_fingerprints_match_the_checkpoints(runs):
     for name, run in runs.items():
         frame = log(run)
@@ -100,6 +102,7 @@ def test_param_fingerprints_match_the_checkpoints(runs):
             assert frame.loc[step, "param_fp"] == param_fingerprint(load_ckpt(run / "checkpoints" / f"step{step}.safetensors").items()), (name, step)
 
 
+@pytest.mark.slow
 def test_diverge_agrees_with_the_checkpoints(runs, capsys):
     same = diverge(runs["1x8x1"], runs["1x8x1-again"])
     assert same.first_param is None and same.first_batch is None and same.last_common == STEPS
@@ -115,3 +118,49 @@ def test_diverge_agrees_with_the_checkpoints(runs, capsys):
     out = capsys.readouterr().out
     assert "first divergent step: 1" in out or "first divergent step: 2" in out
     assert "batches differ from step 1" in out
+
+
+@pytest.mark.slow
+def test_divergence_table_of_a_study(runs, tmp_path):
+    """The report's table: each cell against its baseline cell, from the train logs real runs wrote."""
+    import shutil
+
+    from retrace import paths
+    from retrace.grid import load_study
+    from retrace.report.provenance import divergence_frame, factor_summary, html_fragment
+    from study_factory import synthetic_study
+
+    models = {"m": {"reference": "org/m", "global_batch": B, "recipe": "70m"}}
+    layouts = [{"gpus": 1, "pdbs": 8, "gas": 1}, {"gpus": 1, "pdbs": 4, "gas": 2}, {"gpus": 2, "pdbs": 4, "gas": 1}]
+    cfg = synthetic_study(models=models, parallel=layouts, steps=[STEPS])
+    cfg.update(design="one_at_a_time", cross=["model", "data"])
+    study = load_study(cfg, root=".")
+    source = {(1, 8, 1): "1x8x1", (1, 4, 2): "1x4x2", (2, 4, 1): "2x4x1"}
+    for cell in study.cells():
+        lay = (cell.parallel.gpus, cell.parallel.pdbs, cell.parallel.gas)
+        name = "other-data" if cell.data.name == "standard-raw" and lay == (1, 8, 1) else source[lay]
+        if cell.data.name == "standard-raw" and name != "other-data":
+            continue  # not trained: left out of the table
+        run = tmp_path / paths.run_dir(cell.id)
+        run.mkdir(parents=True)
+        shutil.copy(runs[name] / "train_log.parquet", run / "train_log.parquet")
+    div = divergence_frame(study, tmp_path).set_index("cell")
+    assert len(div) == 4
+    for cell in study.cells():
+        if cell.id not in div.index:
+            continue
+        row = div.loc[cell.id]
+        lay = (cell.parallel.gpus, cell.parallel.pdbs, cell.parallel.gas)
+        if lay == (1, 8, 1):
+            assert row["factor"] == "baseline" and row["baseline"] == cell.id
+            assert pd.isna(row["diverges_from_baseline"]) and pd.isna(row["batches_differ_from_baseline"])
+        else:
+            assert row["factor"] == "parallel"
+            expected = diverge(runs[source[lay]], runs["1x8x1"]).first_param
+            got = row["diverges_from_baseline"]
+            assert (pd.isna(got) and expected is None) or got == expected
+            assert pd.isna(row["batches_differ_from_baseline"])
+        assert pd.isna(row["diverges_from_reference"])  # a Hub reference: no train log here
+    summary = factor_summary(div.reset_index())
+    assert list(summary.columns[:2]) == ["factor", "value"] and len(summary) == 3
+    assert "Every cell trained on exactly its baseline cell" in html_fragment(div.reset_index(), None)

@@ -216,3 +216,15 @@ def check_start_gate(study: Study, model_name: str, findings_path: str, path: st
     write_json(path, {"repo": model.reference, "start_step": model.start_step, "accept": list(model.accept),
                       "findings": findings_path})
     Path(log_path).write_text(f"{model.reference}@step{model.start_step}: not flagged -> {path}\n")
+
+
+def write_provenance_tables(study: Study, divergence_path: str, flagged_path: str, log_path: str) -> None:
+    """results/tables/divergence.parquet and flagged_steps.parquet (retrace.report.provenance)."""
+    from retrace.report.provenance import divergence_frame, flagged_frame
+
+    div = divergence_frame(study)
+    flagged = flagged_frame(study)
+    write_parquet(flagged_path, flagged)
+    write_parquet(divergence_path, div)
+    Path(log_path).write_text(f"{len(div)} cells' first divergent steps -> {divergence_path}; "
+                              f"{len(flagged)} flagged published steps -> {flagged_path}\n")

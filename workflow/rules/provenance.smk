@@ -31,3 +31,26 @@ rule start_gate:
         accept=gate_accept,
     run:
         jobs.check_start_gate(STUDY, wildcards.model, input.findings, output[0], log[0])
+
+
+# Where each cell first stops being bit-identical to its baseline cell (and a built reference's run),
+# from the per-step fingerprints in the train logs, and the flagged steps: two tables for the report.
+
+
+rule provenance_tables:
+    input:
+        manifests=[layout.manifest(c) for c in STUDY.cell_ids()],
+        findings=sorted({layout.findings(m.reference_key) for m in STUDY.used_models()}),
+    output:
+        divergence=report(
+            "results/tables/divergence.parquet",
+            caption="../report/provenance.rst",
+            category="Tables",
+            labels={"table": "first divergent step"},
+        ),
+        flagged="results/tables/flagged_steps.parquet",
+    log:
+        "results/logs/provenance_tables/provenance.log",
+    localrule: True
+    run:
+        jobs.write_provenance_tables(STUDY, output.divergence, output.flagged, log[0])
