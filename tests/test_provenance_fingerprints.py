@@ -121,7 +121,7 @@ def test_diverge_agrees_with_the_checkpoints(runs, capsys):
 
 
 @pytest.mark.slow
-def test_divergence_table_of_a_study(runs, tmp_path):
+def test_divergence_table_and_cells_command(runs, tmp_path, capsys):
     """The report's table: each cell against its baseline cell, from the train logs real runs wrote."""
     import shutil
 
@@ -164,3 +164,16 @@ def test_divergence_table_of_a_study(runs, tmp_path):
     summary = factor_summary(div.reset_index())
     assert list(summary.columns[:2]) == ["factor", "value"] and len(summary) == 3
     assert "Every cell trained on exactly its baseline cell" in html_fragment(div.reset_index(), None)
+    import yaml
+
+    cfg_path = tmp_path / "study.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["cells", "--configfile", str(cfg_path), "-d", str(tmp_path)]) == 0
+    lines = {ln.split()[1]: ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")}
+    for cell_id, row in div.iterrows():
+        if row["factor"] == "baseline":
+            assert "[baseline" not in lines[cell_id]  # no reference train log to compare with
+        elif pd.isna(row["diverges_from_baseline"]):
+            assert f"[bit-identical to the baseline through step {STEPS}]" in lines[cell_id]
+        else:
+            assert f"[diverges from the baseline at step {int(row['diverges_from_baseline'])}]" in lines[cell_id]

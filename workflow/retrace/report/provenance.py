@@ -30,7 +30,7 @@ DIVERGENCE_TABLE = "divergence.parquet"
 FLAGGED_TABLE = "flagged_steps.parquet"
 DIVERGENCE_COLUMNS = ["cell", "model", "data", "factor", "value", "baseline", "last_step",
                       "diverges_from_baseline", "batches_differ_from_baseline",
-                      "diverges_from_reference", "batches_differ_from_reference"]
+                      "diverges_from_reference", "batches_differ_from_reference", "reference_last_step"]
 FLAGGED_COLUMNS = ["model", "repo", "step", "findings", "accepted"]
 _AXES = ("model", "data", "parallel", "gpu_type", "attention", "deps", "seed", "steps", "precision", "engine")
 
@@ -81,6 +81,7 @@ def divergence_frame(study: Study, root: str | Path = ".") -> pd.DataFrame:
         row["batches_differ_from_baseline"] = vs_base.first_batch if vs_base else None
         row["diverges_from_reference"] = vs_ref.first_param if vs_ref else None
         row["batches_differ_from_reference"] = vs_ref.first_batch if vs_ref else None
+        row["reference_last_step"] = vs_ref.last_common if vs_ref else None
         rows.append(row)
     frame = pd.DataFrame(rows, columns=DIVERGENCE_COLUMNS)
     for col in DIVERGENCE_COLUMNS[6:]:
@@ -118,10 +119,12 @@ def factor_summary(div: pd.DataFrame) -> pd.DataFrame:
     if div.empty:
         return pd.DataFrame()
     out = div.assign(where=div["model"] + " / " + div["data"])
-    out["first"] = [
-        _show(r.diverges_from_reference) if r.factor == "baseline" else _show(r.diverges_from_baseline)
-        for r in out.itertuples()
-    ]
+    def first(r) -> str:
+        if r.factor != "baseline":
+            return _show(r.diverges_from_baseline)
+        return "no reference log" if pd.isna(r.reference_last_step) else _show(r.diverges_from_reference)
+
+    out["first"] = [first(r) for r in out.itertuples()]
     out["value"] = out["value"].where(out["factor"] != "baseline", "vs the reference")
     wide = out.pivot_table(index=["factor", "value"], columns="where", values="first", aggfunc="first")
     return wide.reset_index().fillna("—")
