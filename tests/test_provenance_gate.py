@@ -83,3 +83,33 @@ def test_workflow_gate_for_a_study(cache, tmp_path):
     study = load_study(cfg, root=".")
     jobs.check_start_gate(study, "m28", str(tmp_path / "m28.json"), str(tmp_path / "m28-gate.json"),
                           str(tmp_path / "m28.log"))
+
+
+@pytest.mark.slow
+def test_snakemake_stops_the_flagged_model_before_training(cache, tmp_path):
+    """The real workflow: findings once per repo, the gate refuses the 2.8b-shaped start and never
+    schedules its training; the healthy control's gate passes."""
+    import yaml
+
+    from snakemake_runner import snakemake
+
+    models = {
+        "m28": {"reference": "fix/like-2.8b", "hub_cache": str(cache), "global_batch": 8, "recipe": "70m"},
+        "ok": {"reference": "fix/healthy", "hub_cache": str(cache), "global_batch": 8, "recipe": "70m"},
+    }
+    cfg = synthetic_study(models=models, parallel=[{"gpus": 1, "pdbs": 8, "gas": 1}])
+    cfg["axes"]["model"] = ["m28", "ok"]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    done = snakemake("--configfile", str(tmp_path / "study.yaml"), "--cores", "1", "--keep-going",
+                     "results/provenance/m28/start-gate.json", "results/provenance/ok/start-gate.json",
+                     workdir=tmp_path, timeout=900)
+    assert done.returncode != 0
+    assert (tmp_path / "results/provenance/ok/start-gate.json").is_file()
+    assert not (tmp_path / "results/provenance/m28/start-gate.json").exists()
+    log = (tmp_path / "results/logs/start_gate/m28.log").read_text()
+    assert log.startswith("refusing to start from fix/like-2.8b@step0: the audit flags it: clone-of-final")
+    assert "retrace: start_gate: refusing to start from fix/like-2.8b@step0" in done.stderr
+    assert "models.m28.accept: [step0]" in done.stderr
+    dry = snakemake("--configfile", str(tmp_path / "study.yaml"), "-n", workdir=tmp_path, timeout=900)
+    assert dry.returncode == 0
+    assert "rule start_gate:" in dry.stdout and "wildcards: model=m28" in dry.stdout

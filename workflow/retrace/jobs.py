@@ -212,6 +212,7 @@ def check_start_gate(study: Study, model_name: str, findings_path: str, path: st
                     override=f"models.{model.name}.accept")
     except RetraceError as exc:
         Path(log_path).write_text(f"{exc}\n")
+        print(f"retrace: start_gate: {exc}", file=sys.stderr)  # shown beside Snakemake's "Error in rule"
         raise
     write_json(path, {"repo": model.reference, "start_step": model.start_step, "accept": list(model.accept),
                       "findings": findings_path})

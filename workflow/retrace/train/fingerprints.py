@@ -34,6 +34,8 @@ from retrace.data.batch_hash import combine, sample_digest
 LOG_COLUMNS = ("batch_hash", "param_fp")
 #: 16-bit words per checksum chunk: (2^16 − 1) · 2^20 · 2^20 < 2^63, so a chunk's s2 never overflows.
 CHUNK = 1 << 20
+#: Chunks per slab: bounds the int64 working copy to 8 B × 2^26 = 512 MiB per slab.
+SLAB = 64
 
 
 _WEIGHTS: dict[torch.device, torch.Tensor] = {}
@@ -46,17 +48,22 @@ def _positions(device: torch.device) -> torch.Tensor:
 
 
 def _chunk_sums(t: torch.Tensor) -> torch.Tensor:
-    """[n_chunks, 2] int64: (s1, s2) of each chunk of ``t``'s bits as unsigned 16-bit words."""
+    """[n_chunks, 2] int64: (s1, s2) of each chunk of ``t``'s bits as unsigned 16-bit words. A slab of
+    ``SLAB`` chunks is one [chunks, CHUNK] matrix (a few kernels per slab, not per chunk); the last chunk
+    is padded with zeros, which add nothing to either sum."""
     flat = t.detach().contiguous().reshape(-1)
     bits = flat.view(torch.uint8) if flat.element_size() == 1 else flat.view(torch.int16)
     pos = _positions(bits.device)
     out = []
-    for start in range(0, bits.numel(), CHUNK):
-        x = bits[start:start + CHUNK].to(torch.int64) & 0xFFFF
-        out.append(torch.stack((x.sum(), (x * pos[: x.numel()]).sum())))
+    for start in range(0, bits.numel(), SLAB * CHUNK):
+        x = bits[start:start + SLAB * CHUNK].to(torch.int64) & 0xFFFF
+        if x.numel() % CHUNK:
+            x = torch.nn.functional.pad(x, (0, CHUNK - x.numel() % CHUNK))
+        x = x.view(-1, CHUNK)
+        out.append(torch.stack((x.sum(dim=1), (x * pos).sum(dim=1)), dim=1))
     if not out:
         return torch.zeros((0, 2), dtype=torch.int64, device=bits.device)
-    return torch.stack(out)
+    return torch.cat(out)
 
 
 def param_fingerprint(params: Iterable[tuple[str, torch.Tensor]]) -> str:
