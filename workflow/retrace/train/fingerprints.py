@@ -49,18 +49,19 @@ def _positions(device: torch.device) -> torch.Tensor:
 
 def _chunk_sums(t: torch.Tensor) -> torch.Tensor:
     """[n_chunks, 2] int64: (s1, s2) of each chunk of ``t``'s bits as unsigned 16-bit words. A slab of
-    ``SLAB`` chunks is one [chunks, CHUNK] matrix (a few kernels per slab, not per chunk); the last chunk
-    is padded with zeros, which add nothing to either sum."""
+    ``SLAB`` whole chunks is one [chunks, CHUNK] matrix (a few kernels per slab, not per chunk)."""
     flat = t.detach().contiguous().reshape(-1)
     bits = flat.view(torch.uint8) if flat.element_size() == 1 else flat.view(torch.int16)
     pos = _positions(bits.device)
     out = []
-    for start in range(0, bits.numel(), SLAB * CHUNK):
-        x = bits[start:start + SLAB * CHUNK].to(torch.int64) & 0xFFFF
-        if x.numel() % CHUNK:
-            x = torch.nn.functional.pad(x, (0, CHUNK - x.numel() % CHUNK))
-        x = x.view(-1, CHUNK)
+    n = bits.numel()
+    whole = n - n % CHUNK
+    for start in range(0, whole, SLAB * CHUNK):  # whole chunks, a slab at a time
+        x = (bits[start:min(start + SLAB * CHUNK, whole)].to(torch.int64) & 0xFFFF).view(-1, CHUNK)
         out.append(torch.stack((x.sum(dim=1), (x * pos).sum(dim=1)), dim=1))
+    if whole < n:  # the last, partial chunk (most tensors of a small model are one)
+        x = bits[whole:].to(torch.int64) & 0xFFFF
+        out.append(torch.stack((x.sum(), (x * pos[: n - whole]).sum())).view(1, 2))
     if not out:
         return torch.zeros((0, 2), dtype=torch.int64, device=bits.device)
     return torch.cat(out)
