@@ -55,10 +55,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--checksum-only", action="store_true", help="no training step (weights only: large sizes)")
-    p.add_argument("--smoke", action="store_true", help="tiny shape, 2 repeats, 64 samples: seconds")
+    p.add_argument("--smoke", action="store_true", help="tiny shape, fp32, 2 repeats, 64 samples: seconds")
     args = p.parse_args()
     if args.smoke:
         args.shape, args.seq, args.batch, args.repeats, args.global_batch = "tiny", 64, 4, 2, 64
+        args.precision = "fp32"  # CPU fp16 is ~8x slower; the smoke run only has to run
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.shape == "tiny":

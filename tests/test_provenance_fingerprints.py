@@ -176,3 +176,17 @@ def test_divergence_table_and_cells_command(runs, tmp_path, capsys):
             assert f"[bit-identical to the baseline through step {STEPS}]" in lines[cell_id]
         else:
             assert f"[diverges from the baseline at step {int(row['diverges_from_baseline'])}]" in lines[cell_id]
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "fingerprints.py"), "--smoke", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root / "workflow")})
+    assert done.returncode == 0, done.stderr
+    assert "x the step" in done.stdout and "weight checksum (param_fp)" in done.stdout
