@@ -85,6 +85,32 @@ def test_workflow_gate_for_a_study(cache, tmp_path):
                           str(tmp_path / "m28.log"))
 
 
+def test_flagged_steps_table_for_the_report(cache, tmp_path):
+    """The report's list of flagged published steps, from the findings files where the workflow writes them."""
+    from retrace import paths
+    from retrace.report.provenance import flagged_frame, html_fragment
+
+    models = {
+        "m28": {"reference": "fix/like-2.8b", "hub_cache": str(cache), "global_batch": 8, "recipe": "70m",
+                "accept": ["step2"]},
+        "ok": {"reference": "fix/healthy", "hub_cache": str(cache), "global_batch": 8, "recipe": "70m"},
+    }
+    cfg = synthetic_study(models=models, parallel=[{"gpus": 1, "pdbs": 8, "gas": 1}])
+    cfg["axes"]["model"] = ["m28", "ok"]
+    study = load_study(cfg, root=".")
+    for repo in ("fix/like-2.8b", "fix/healthy"):
+        path = tmp_path / paths.findings(repo)
+        path.parent.mkdir(parents=True)
+        jobs.write_reference_findings(study, repo, str(path), str(tmp_path / "log"))
+    frame = flagged_frame(study, tmp_path)
+    assert list(frame["branch"]) == ["main", "step0", "step1", "step2"] and set(frame["repo"]) == {"fix/like-2.8b"}
+    assert list(frame["accepted"]) == [False, False, False, True]
+    assert frame["findings"].iloc[0].startswith("main-not-final")  # main: another weight set than step8
+    assert frame["findings"].iloc[1:].str.startswith("clone-of-final").all()
+    fragment = html_fragment(None, frame)
+    assert "published steps the audit flags" in fragment and fragment.count("<tr>") == 5
+
+
 @pytest.mark.slow
 def test_snakemake_stops_the_flagged_model_before_training(cache, tmp_path):
     """The real workflow: findings once per repo, the gate refuses the 2.8b-shaped start and never

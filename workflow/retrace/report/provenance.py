@@ -31,7 +31,7 @@ FLAGGED_TABLE = "flagged_steps.parquet"
 DIVERGENCE_COLUMNS = ["cell", "model", "data", "factor", "value", "baseline", "last_step",
                       "diverges_from_baseline", "batches_differ_from_baseline",
                       "diverges_from_reference", "batches_differ_from_reference", "reference_last_step"]
-FLAGGED_COLUMNS = ["model", "repo", "step", "findings", "accepted"]
+FLAGGED_COLUMNS = ["model", "repo", "branch", "step", "findings", "accepted"]
 _AXES = ("model", "data", "parallel", "gpu_type", "attention", "deps", "seed", "steps", "precision", "engine")
 
 
@@ -101,7 +101,7 @@ def flagged_frame(study: Study, root: str | Path = ".") -> pd.DataFrame:
         if not path.is_file():
             continue
         for branch, found in read_findings(path)["flagged"].items():
-            rows.append({"model": m.name, "repo": m.reference, "step": step_of(branch),
+            rows.append({"model": m.name, "repo": m.reference, "branch": branch, "step": step_of(branch),
                          "findings": describe(found), "accepted": branch in m.accept})
     frame = pd.DataFrame(rows, columns=FLAGGED_COLUMNS)
     frame["step"] = frame["step"].astype("Int64")
