@@ -137,9 +137,9 @@ def test_divergence_table_and_cells_command(runs, tmp_path, capsys):
     source = {(1, 8, 1): "1x8x1", (1, 4, 2): "1x4x2", (2, 4, 1): "2x4x1"}
     for cell in study.cells():
         lay = (cell.parallel.gpus, cell.parallel.pdbs, cell.parallel.gas)
-        name = "other-data" if cell.data.name == "standard-raw" and lay == (1, 8, 1) else source[lay]
-        if cell.data.name == "standard-raw" and name != "other-data":
-            continue  # not trained: left out of the table
+        name = "other-data" if cell.data.name == "standard-raw" else source[lay]
+        if cell.data.name == "standard-raw" and lay != (1, 4, 2):
+            continue  # not trained (its baseline neither): left out of the table
         run = tmp_path / paths.run_dir(cell.id)
         run.mkdir(parents=True)
         shutil.copy(runs[name] / "train_log.parquet", run / "train_log.parquet")
@@ -147,6 +147,9 @@ def test_divergence_table_and_cells_command(runs, tmp_path, capsys):
     assert len(div) == 4
     for cell in study.cells():
         if cell.id not in div.index:
+            continue
+        if cell.data.name == "standard-raw":  # its baseline has no train log: nothing to say
+            assert pd.isna(div.loc[cell.id, "last_step"]) and pd.isna(div.loc[cell.id, "diverges_from_baseline"])
             continue
         row = div.loc[cell.id]
         lay = (cell.parallel.gpus, cell.parallel.pdbs, cell.parallel.gas)
@@ -162,6 +165,7 @@ def test_divergence_table_and_cells_command(runs, tmp_path, capsys):
         assert pd.isna(row["diverges_from_reference"])  # a Hub reference: no train log here
     summary = factor_summary(div.reset_index())
     assert list(summary.columns[:2]) == ["factor", "value"] and len(summary) == 3
+    assert "no baseline log" in set(summary.iloc[:, 2:].to_numpy().ravel())
     assert "Every cell trained on exactly its baseline cell" in html_fragment(div.reset_index(), None)
     import yaml
 
@@ -170,8 +174,8 @@ def test_divergence_table_and_cells_command(runs, tmp_path, capsys):
     assert main(["cells", "--configfile", str(cfg_path), "-d", str(tmp_path)]) == 0
     lines = {ln.split()[1]: ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")}
     for cell_id, row in div.iterrows():
-        if row["factor"] == "baseline":
-            assert "[baseline" not in lines[cell_id]  # no reference train log to compare with
+        if row["factor"] == "baseline" or pd.isna(row["last_step"]):
+            assert "[" not in lines[cell_id]  # no reference / baseline train log to compare with
         elif pd.isna(row["diverges_from_baseline"]):
             assert f"[bit-identical to the baseline through step {STEPS}]" in lines[cell_id]
         else:

@@ -76,7 +76,7 @@ def divergence_frame(study: Study, root: str | Path = ".") -> pd.DataFrame:
         vs_base = diverge(run, base_run) if RunDir(base_run).train_log.is_file() else None
         ref_run = root / paths.build_run_dir(cell.model.name) if cell.model.build is not None else None
         vs_ref = diverge(run, ref_run) if ref_run is not None and RunDir(ref_run).train_log.is_file() else None
-        row["last_step"] = vs_base.last_common if vs_base else (vs_ref.last_common if vs_ref else None)
+        row["last_step"] = vs_base.last_common if vs_base else None  # None: no baseline log to compare
         row["diverges_from_baseline"] = vs_base.first_param if vs_base else None
         row["batches_differ_from_baseline"] = vs_base.first_batch if vs_base else None
         row["diverges_from_reference"] = vs_ref.first_param if vs_ref else None
@@ -121,7 +121,7 @@ def factor_summary(div: pd.DataFrame) -> pd.DataFrame:
     out = div.assign(where=div["model"] + " / " + div["data"])
     def first(r) -> str:
         if r.factor != "baseline":
-            return _show(r.diverges_from_baseline)
+            return "no baseline log" if pd.isna(r.last_step) else _show(r.diverges_from_baseline)
         return "no reference log" if pd.isna(r.reference_last_step) else _show(r.diverges_from_reference)
 
     out["first"] = [first(r) for r in out.itertuples()]
