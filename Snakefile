@@ -34,6 +34,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/compare.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/audit.smk"
+include: "workflow/rules/provenance.smk"
 
 
 onstart:

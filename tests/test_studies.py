@@ -75,6 +75,7 @@ EXPECTED = {
         "train": 1 * 2 * BLOG_CELLS,        # 1 model × 2 variants × 7
         "compare": 1 * 2 * BLOG_CELLS,
         "cells_table": 1, "aggregate": 1, "report": 1,
+        "reference_findings": 1, "start_gate": 1, "provenance_tables": 1,  # the gate: once per repo, model
         "audit": 1,                          # audit.in_all: true
         "cross_generation": 1,               # cross_generation: vs pythia-2.8b-deduped-v0 (report input)
         "all": 1,
@@ -82,6 +83,7 @@ EXPECTED = {
     "pythia-70m-control": {
         "pile_data": 2, "fetch_reference": STEPS_TO_1000, "reference_steps": 1,
         "train": 2 * BLOG_CELLS, "compare": 2 * BLOG_CELLS,
+        "reference_findings": 1, "start_gate": 1, "provenance_tables": 1,
         "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
     },
     "polypythias-seeds": {
@@ -91,6 +93,7 @@ EXPECTED = {
         "fetch_reference": 10 * STEPS_TO_1000,  # 10 repos (pythia-70m, -seed1 … -seed9)
         "reference_steps": 10,
         "train": 10 * 2, "compare": 10 * 2,  # each run on its own order and one other (models.<name>.data)
+        "reference_findings": 10, "start_gate": 10, "provenance_tables": 1,
         "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
     },
     "polypythias-segments": {

@@ -129,6 +129,7 @@ class Model:
     hub_cache: str | None = None
     build: Build | None = None
     data: tuple[str, ...] | None = None  # the data variants it is reproduced on (None: every one)
+    accept: tuple[str, ...] = ()  # flagged branches used anyway (retrace.audit.gate)
     settings: tuple[tuple[str, Any], ...] = ()
     segment_of: str | None = None  # models.<segment_of>.segments made this model (named <segment_of>-from<N>)
     end_step: int | None = None  # a segment's last step (replaces the steps axis)
@@ -572,7 +573,8 @@ def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fai
     return Model(name=name, reference=spec["reference"], start_step=int(spec["start_step"]), recipe=size,
                  global_batch=int(global_batch), documented=spec.get("documented"),
                  hub_cache=spec.get("hub_cache"), build=build,
-                 data=tuple(spec["data"]) if "data" in spec else None, settings=settings)
+                 data=tuple(spec["data"]) if "data" in spec else None,
+                 accept=tuple(spec.get("accept", ())), settings=settings)
 
 
 def _segments(m: Model, spec: Mapping[str, Any], fail) -> list[Model]:

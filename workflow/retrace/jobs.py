@@ -176,3 +176,62 @@ def audit_options(study: Study) -> list[str]:
     if study.audit["weights"]:
         flags.append("--weights")
     return flags
+
+
+# -- the reference hygiene gate (retrace.audit.gate): findings once per repo, then per model ------------
+def write_reference_findings(study: Study, repo: str, path: str, log_path: str) -> None:
+    """Audit one reference repo from metadata (its hub cache offline for a local reference, else the Hub)."""
+    from retrace.audit.core import make_source
+    from retrace.audit.gate import findings_for, write_findings
+    from retrace.audit.metadata import CacheMetadata
+    from retrace.grid import local_reference_steps
+
+    model = next(m for m in study.used_models() if m.reference_key == repo)
+    if model.is_local:
+        source = CacheMetadata(model.hub_cache)
+        steps = model.build.saved_steps() if model.build is not None else local_reference_steps(
+            model.hub_cache, model.reference)
+        max_step = max(steps, default=0)
+    else:
+        source, max_step = make_source(), None
+    found = findings_for(model.reference, source, max_step=max_step)
+    write_findings(path, found)
+    flagged = ", ".join(f"{b} ({'+'.join(f['kind'] for f in fs)})" for b, fs in found["flagged"].items())
+    Path(log_path).write_text(f"{repo}: {len(found['branches'])} branches from {found['source']}; "
+                              f"flagged: {flagged or 'none'} -> {path}\n")
+
+
+def accepted_branches(study: Study, model: Model) -> list[str]:
+    """Flagged branches the study uses anyway: ``models.<name>.accept``."""
+    return list(model.accept)
+
+
+def check_start_gate(study: Study, model_name: str, findings_path: str, path: str, log_path: str) -> None:
+    """Fail (one message: repo, branch, finding, the key that overrides it) if the model's start step
+    is flagged; else record that it passed."""
+    from retrace.audit.gate import check_start, read_findings
+
+    model = study.models[model_name]
+    findings = read_findings(findings_path)
+    try:
+        check_start(findings, model.start_step, accept=accepted_branches(study, model),
+                    override=f"models.{model.name}.accept")
+    except RetraceError as exc:
+        Path(log_path).write_text(f"{exc}\n")
+        print(f"retrace: start_gate: {exc}", file=sys.stderr)  # shown beside Snakemake's "Error in rule"
+        raise
+    write_json(path, {"repo": model.reference, "start_step": model.start_step, "accept": list(model.accept),
+                      "findings": findings_path})
+    Path(log_path).write_text(f"{model.reference}@step{model.start_step}: not flagged -> {path}\n")
+
+
+def write_provenance_tables(study: Study, divergence_path: str, flagged_path: str, log_path: str) -> None:
+    """results/tables/divergence.parquet and flagged_steps.parquet (retrace.report.provenance)."""
+    from retrace.report.provenance import divergence_frame, flagged_frame
+
+    div = divergence_frame(study)
+    flagged = flagged_frame(study)
+    write_parquet(flagged_path, flagged)
+    write_parquet(divergence_path, div)
+    Path(log_path).write_text(f"{len(div)} cells' first divergent steps -> {divergence_path}; "
+                              f"{len(flagged)} flagged published steps -> {flagged_path}\n")

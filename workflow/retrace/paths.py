@@ -117,3 +117,13 @@ def training_state_dir(key: str, step: int) -> str:
 def reference_steps(key: str, first: int, last: int) -> str:
     """The record that every published checkpoint from ``first`` to ``last`` (Pythia schedule) is fetched."""
     return f"{reference_dir(key)}/steps{first}-{last}.json"
+
+
+def findings(key: str) -> str:
+    """A published repo's audit findings (``retrace.audit.gate``): one metadata read, shared by its cells."""
+    return f"{RESOURCES}/audit/{key}/findings.json"
+
+
+def start_gate(model_name: str) -> str:
+    """The record that a model's start step passed the reference hygiene gate."""
+    return f"{RESULTS}/provenance/{model_name}/start-gate.json"

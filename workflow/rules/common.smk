@@ -333,8 +333,9 @@ def train_inputs(wildcards):
         "published": built_record(cell.model),
         "order": order_record(cell.data, cell.model),
         "start": launch.start_weights(cell),
-        # a rebuilt corpus must reproduce the published stream first (study key order_check)
-        "gate": rebuilt.gate_for(STUDY, cell.data),
+        # a rebuilt corpus must reproduce the published stream first (study key order_check), and the
+        # model's start step must pass the reference hygiene gate (models.<name>.accept overrides it)
+        "gate": [*rebuilt.gate_for(STUDY, cell.data), layout.start_gate(cell.model.name)],
     }
 
 
@@ -397,6 +398,7 @@ def compare_inputs(wildcards):
     return {
         "manifest": layout.manifest(cell.id),
         "references": reference_steps_record(cell),
+        "findings": layout.findings(cell.model.reference_key),
     }
 
 
@@ -407,6 +409,8 @@ def compare_job(wildcards):
         "reference": model.reference,
         "reference_dir": layout.reference_dir(model.reference_key),
         "env": hub_env(model),
+        "findings": layout.findings(model.reference_key),
+        "accept": " ".join(f"--accept {shlex.quote(b)}" for b in model.accept),
     }
 
 
@@ -432,6 +436,14 @@ def report_documented(wildcards):
 
 
 # ------------------------------------------------------------------------------------------ audit
+
+
+def gate_findings(wildcards):
+    return layout.findings(STUDY.models[wildcards.model].reference_key)
+
+
+def gate_accept(wildcards):
+    return list(STUDY.models[wildcards.model].accept)
 
 
 def audit_published(wildcards):

@@ -21,6 +21,7 @@ rule compare:
         logged(
             "env {params.job[env]} retrace compare-run --run {params.run:q} --reference {params.job[reference]:q}"
             " --reference-dir {params.job[reference_dir]:q} --out {output.table:q} --tensors-out {output.tensors:q}"
+            " --findings {params.job[findings]:q} {params.job[accept]}"
         )
 
 

@@ -64,6 +64,9 @@ rule report:
         cross_generation=cross_generation_targets(),
         # the fetched references, whose repo, commit and verification the report lists
         references=all_reference_records(),
+        # the Provenance section: first divergent steps, flagged published steps (provenance.smk)
+        divergence="results/tables/divergence.parquet",
+        flagged="results/tables/flagged_steps.parquet",
     output:
         index=report(
             "results/report/index.html",

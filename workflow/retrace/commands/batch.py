@@ -15,7 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--rank reads at micro-step --micro (items B*step + micro*pdbs*gpus + rank*pdbs + [0, pdbs)). "
             "Checkpoint stepN has trained on the batches of steps 0..N-1. Each row is seq_length+1 tokens "
             "(inputs = row[:-1], labels = row[1:]). Give the data as --data PREFIX (with --kind, "
-            "--seq-length, --seed, --num-samples) or as --variant DATA --manifest PATH for `retrace synth` output."
+            "--seq-length, --seed, --num-samples) or as --variant DATA --manifest PATH for `retrace synth` output. "
+            "Pythia's batch_viewer (utils/batch_viewer.py of EleutherAI/pythia) reads the same items: its "
+            "batch of step s is items [1024*s, 1024*(s+1)) of the preshuffled stream, i.e. --kind preshuffled "
+            "--step s (global batch 1024). --hash prints the batch's fingerprint as the train log records it "
+            "(batch_hash: sha256 of per-sample blake2b-128 digests of the int64 token ids, in item order; "
+            "retrace.data.batch_hash), the same for every gpus x pdbs x gas layout."
         ),
     )
     src = p.add_argument_group("data")
@@ -43,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--npy", metavar="PATH", help="write the [n, seq_length+1] int64 token ids as .npy")
     out.add_argument("--parquet", metavar="PATH", help="write one row per sample (step, item, position, token_ids)")
     out.add_argument("--ids-only", action="store_true", help="print only the item ids")
+    out.add_argument("--hash", action="store_true",
+                     help="print the batch hash of the whole step: the train log's batch_hash in the row of "
+                          "step+1 (the update that made checkpoint step{step+1})")
     p.set_defaults(func=run)
 
 
@@ -70,6 +78,17 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     data = open_from_args(args)
+    if args.hash:
+        from retrace.data.batch_hash import batch_hash
+
+        if args.pdbs is not None:
+            from retrace.errors import RetraceError
+
+            raise RetraceError("--hash fingerprints the whole step's global batch; drop --pdbs")
+        whole = data.batch_items(args.step, global_batch=args.global_batch)
+        print(f"step {args.step} items {int(whole[0])}..{int(whole[-1])} batch_hash "
+              f"{batch_hash(data.samples(whole))}")
+        return 0
     ids = data.batch_items(args.step, micro=args.micro, rank=args.rank, pdbs=args.pdbs, gpus=args.gpus,
                            global_batch=args.global_batch)
     if args.ids_only:

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", choices=("done", "failed", "running", "pending"), action="append",
                    help="only list cells in this state (repeatable)")
     p.add_argument("--axes", action="store_true", help="also print every axis value")
+    p.add_argument("--no-diverge", action="store_true",
+                   help="do not read the train logs for each cell's first divergent step against its baseline "
+                        "cell (retrace diverge; shown for every cell whose and whose baseline's train log exist)")
     p.set_defaults(func=run)
 
 
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     study = load_study(config, root=_workflow_root(config, workdir))
     recent = RECENT_SECONDS if args.recent is None else args.recent
     counts: Counter[str] = Counter()
+    divergence = {} if args.no_diverge else _divergence(study, workdir)
     for cell in study.cells():
         st = cell_state(cell.id, workdir, recent=recent, upstream=start_fetch_logs(cell))
         counts[st.state] += 1
@@ -53,10 +57,32 @@ def run(args: argparse.Namespace) -> int:
         line = f"{st.state:<8} {cell.id}"
         if args.axes:
             line += "  " + " ".join(f"{k}={v}" for k, v in cell.row().items() if k != "cell")
-        print(f"{line}  ({st.detail})")
+        print(f"{line}  ({st.detail})" + (f"  [{divergence[cell.id]}]" if cell.id in divergence else ""))
     summary = ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "running", "pending"))
     print(f"# study {study.name}: {len(study.cells())} cells: {summary}")
     return 0
+
+
+def _divergence(study, workdir) -> dict[str, str]:
+    """cell id → where it first leaves its baseline cell's weights (cells with both train logs)."""
+    import pandas as pd
+
+    from retrace.report.provenance import divergence_frame
+
+    out = {}
+    for row in divergence_frame(study, workdir).itertuples():
+        if row.factor == "baseline":
+            if not pd.isna(row.diverges_from_reference):
+                out[row.cell] = f"baseline; diverges from the reference at step {int(row.diverges_from_reference)}"
+            elif not pd.isna(row.reference_last_step):
+                out[row.cell] = f"baseline; bit-identical to the reference through step {int(row.reference_last_step)}"
+            continue
+        if pd.isna(row.last_step):
+            continue
+        first = row.diverges_from_baseline
+        out[row.cell] = (f"diverges from the baseline at step {int(first)}" if not pd.isna(first)
+                         else f"bit-identical to the baseline through step {int(row.last_step)}")
+    return out
 
 
 def _workflow_root(config, workdir):

@@ -30,12 +30,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="per-tensor table (default: similarity_tensors.parquet beside --out)",
     )
+    p.add_argument(
+        "--findings",
+        default=None,
+        help="the reference's audit findings (resources/audit/<repo>/findings.json, retrace.audit.gate): "
+        "flagged published steps are left out",
+    )
+    p.add_argument(
+        "--accept",
+        action="append",
+        default=[],
+        metavar="BRANCH",
+        help="a flagged branch compared anyway (the study's models.<name>.accept); repeatable",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from retrace.compare.run import write_compare_run
 
+    skip = None
+    if args.findings:
+        from retrace.audit.gate import describe, flagged_steps, read_findings
+
+        found = flagged_steps(read_findings(args.findings), args.accept)
+        skip = {step: describe(f) for step, f in found.items()}
     tensors_out = args.tensors_out or Path(args.out).with_name("similarity_tensors.parquet")
-    write_compare_run(args.run, args.reference, args.out, tensors_out, args.reference_dir)
+    write_compare_run(args.run, args.reference, args.out, tensors_out, args.reference_dir, skip=skip)
     return 0

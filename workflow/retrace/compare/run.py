@@ -11,13 +11,16 @@ shares it), else opened as ``<reference>@step{N}`` through ``retrace.checkpoints
 Outputs: one row per step (``STEP_COLUMNS``) and one row per step and tensor (``step``, ``tensor``, then
 the columns of ``SimilarityResult.tensor_frame()``), each written atomically; the per-tensor table
 first, so that the per-step table (which marks the cell compared) never exists without it.
+
+``skip``: published steps the audit flags (``retrace.audit.gate.flagged_steps``) are left out: a
+distance to weights that are not what their step says measures nothing. The report lists them.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -65,11 +68,17 @@ def compare_run(
     reference: str,
     reference_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    skip: Mapping[int, str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Compare every checkpoint of ``run`` with the published one; returns (per-step, per-tensor) frames."""
+    """Compare every checkpoint of ``run`` with the published one, but the ``skip`` steps (step → why);
+    returns (per-step, per-tensor) frames."""
     from retrace.compare.similarity import compare_sources
 
     entries = load_manifest(run)
+    for step, why in sorted((skip or {}).items()):
+        if any(s == step for s, _ in entries):
+            log(f"compare-run: step {step} left out: the published step is flagged: {why}")
+    entries = [(s, p) for s, p in entries if s not in (skip or {})]
     sources = [(step, ckpt, reference_source(reference, reference_dir, step)) for step, ckpt in entries]
     rows, tensor_frames = [], []
     for i, (step, ckpt, ref) in enumerate(sources, 1):
@@ -86,7 +95,8 @@ def compare_run(
     steps = pd.DataFrame(rows, columns=STEP_COLUMNS)
     steps["step"] = steps["step"].astype("int64")
     steps["n_params"] = steps["n_params"].astype("int64")
-    tensors = pd.concat(tensor_frames, ignore_index=True)
+    tensors = pd.concat(tensor_frames, ignore_index=True) if tensor_frames else pd.DataFrame(
+        {"step": pd.Series(dtype="int64"), "tensor": pd.Series(dtype="object")})
     tensors.attrs = {}
     return steps, tensors
 
@@ -98,8 +108,9 @@ def write_compare_run(
     tensors_out: str | Path,
     reference_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    skip: Mapping[int, str] | None = None,
 ) -> None:
-    steps, tensors = compare_run(run, reference, reference_dir, log)
+    steps, tensors = compare_run(run, reference, reference_dir, log, skip=skip)
     write_parquet(tensors_out, tensors)
     write_parquet(out, steps)
     log(f"compare-run: {out} ({len(steps)} steps), {tensors_out} ({len(tensors)} tensor rows)")

@@ -38,7 +38,7 @@ import pandas as pd
 from retrace.compare import cross as CROSS
 from retrace.errors import RetraceError
 from retrace.io import default_dir_mode, replace_dir, write_json
-from retrace.report import generations
+from retrace.report import generations, provenance
 from retrace.report import segments as SEG
 from retrace.report import tables as T
 from retrace.report.frames import DATA, MODEL, axis_columns, fmt_cos, fmt_num, read_parquet, show
@@ -91,6 +91,7 @@ def _index_html(
     cross_fragment: str | None = None,
     references_fragment: str | None = None,
     segments_fragment: str | None = None,
+    provenance_fragment: str | None = None,
 ) -> str:
     esc = html.escape
     models = sorted(sim[MODEL].astype(str).unique())
@@ -135,6 +136,8 @@ def _index_html(
         parts += ['<h2 id="cross-generation">Versus other generations</h2>', cross_fragment]
     if references_fragment is not None:
         parts += ['<h2 id="references">References</h2>', references_fragment]
+    if provenance_fragment is not None:
+        parts += ['<h2 id="provenance">Provenance: bit-identity and flagged steps</h2>', provenance_fragment]
     parts.append('<h2 id="figures">Figures</h2>')
     for title, path in figures:
         parts.append(f"<figure>{_img(path, title)}<figcaption>{esc(title)}</figcaption></figure>")
@@ -285,7 +288,7 @@ def build_report(
                 figures.append((f"{model}: 1 − θ Cos and L2 over steps by {factor.name}", path))
         (tmp / "index.html").write_text(
             _index_html(sim, vs, text, factor_parts, final, figures, steps, cross_fragment, references_fragment,
-                        segments_fragment),
+                        segments_fragment, provenance.read_fragment(tables)),
             encoding="utf-8",
         )
         replace_dir(tmp, out, check=_check_replaceable)

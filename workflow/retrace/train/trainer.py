@@ -8,7 +8,8 @@ Outputs under ``out``:
     checkpoints/step{N}.safetensors   canonical fp16 parameters (the start step and the Pythia schedule)
     checkpoints/manifest.json         written LAST on success: steps, files, sha256
     state/step{N}/                    resume states (newest two kept)
-    train_log.parquet                 one row per step
+    train_log.parquet                 one row per step (with its batch and weight fingerprints:
+                                      retrace.train.fingerprints)
     run.json                          environment and arguments (one entry per attempt)
 """
 
@@ -35,6 +36,7 @@ from retrace.io import sha256_file, write_json, write_parquet
 from retrace.pythia.schedule import save_steps as pythia_schedule
 from retrace.rundir import RunDir, timestamp
 from retrace.spec import TrainConfig
+from retrace.train import fingerprints
 from retrace.train import state as st
 from retrace.train.distributed import DistEnv, detect, launch_local
 from retrace.train.environment import environment  # noqa: F401 - re-exported (run.json's record)
@@ -426,6 +428,7 @@ class Trainer:
         # Test hook only (kill-and-resume tests on fast machines): seconds to sleep after each step.
         delay = float(os.environ.get("RETRACE_TEST_STEP_DELAY", "0") or 0)
         ranks = range(cfg.gpus) if cfg.simulate_ranks else [self.env.rank]
+        prints = fingerprints.for_trainer(r.global_batch, self.env, cfg.simulate_ranks)
         tokens_per_step = r.global_batch * r.seq_length
         t_start = time.perf_counter()
         last_print = 0.0
@@ -439,6 +442,7 @@ class Trainer:
                     ids = self.data.batch_items(step, micro=k, rank=rank, pdbs=self.pdbs, gpus=cfg.gpus,
                                                 global_batch=r.global_batch)
                     sample = torch.as_tensor(self.data.samples(ids), dtype=torch.int64)
+                    prints.saw(step, ids, sample)
                     if trace is not None:
                         trace.write(json.dumps({"step": step, "micro": k, "rank": rank,
                                                 "ids": [int(i) for i in ids]}) + "\n")
@@ -454,7 +458,8 @@ class Trainer:
             final_loss = loss
             rows.append({"step": step, "loss": loss, "lr": res.lr, "loss_scale": res.loss_scale,
                          "grad_norm": res.grad_norm, "skipped": res.skipped, "tokens_per_s": tokens_per_step / dt,
-                         "step_time_s": dt, "lr_iter": engine.lr_iter, "adam_steps": engine.adam_steps})
+                         "step_time_s": dt, "lr_iter": engine.lr_iter, "adam_steps": engine.adam_steps,
+                         **prints.row(engine)})
             saving = step in self.save_steps
             if saving and self.env.is_main:
                 hashes[str(step)] = self._save_checkpoint(engine, step, ckpt_dir)
@@ -577,7 +582,7 @@ class Trainer:
         import pandas as pd
 
         cols = ["step", "loss", "lr", "loss_scale", "grad_norm", "skipped", "tokens_per_s", "step_time_s",
-                "lr_iter", "adam_steps"]
+                "lr_iter", "adam_steps", *fingerprints.LOG_COLUMNS]
         frame = pd.DataFrame(rows, columns=cols)
         frame = frame.astype({"step": "int64", "loss": "float64", "lr": "float64", "loss_scale": "float64",
                               "grad_norm": "float64", "skipped": "bool", "tokens_per_s": "float64",
