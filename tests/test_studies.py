@@ -104,6 +104,8 @@ EXPECTED = {
         "reference_steps": len(SEGMENT_STARTS),
         # 5 segments × 4 orders, plus the same 5 with GPT-NeoX's restarted Adam counter on the documented one
         "train": len(SEGMENT_STARTS) * (4 + 1), "compare": len(SEGMENT_STARTS) * (4 + 1),
+        # one repo audited once; each segment model's start step gated (the two Adam counters: 2 per start)
+        "reference_findings": 1, "start_gate": 2 * len(SEGMENT_STARTS), "provenance_tables": 1,
         "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
     },
     "pythia-14m-seed0": {
@@ -114,6 +116,7 @@ EXPECTED = {
         "fetch_reference": STEPS_TO_1000 + 2 * len(SEGMENT_STARTS) - 1,
         "reference_steps": 1 + len(SEGMENT_STARTS),
         "train": (1 + len(SEGMENT_STARTS)) * 2, "compare": (1 + len(SEGMENT_STARTS)) * 2,
+        "reference_findings": 1, "start_gate": 1 + len(SEGMENT_STARTS), "provenance_tables": 1,
         "cells_table": 1, "aggregate": 1, "report": 1, "all": 1,
     },
 }

@@ -317,6 +317,13 @@ class Study:
         """The models some cell trains, in axis order."""
         return list(self._used_models)
 
+    def used_model(self, name: str) -> Model:
+        """The model some cell trains named ``name``: a ``models`` key, or a segment ``<key>-from<N>``."""
+        for m in self._used_models:
+            if m.name == name:
+                return m
+        raise RetraceError(f"no cell trains a model named {name!r}")
+
 
 @functools.cache
 def _model_recipe(model: Model):

@@ -439,11 +439,11 @@ def report_documented(wildcards):
 
 
 def gate_findings(wildcards):
-    return layout.findings(STUDY.models[wildcards.model].reference_key)
+    return layout.findings(STUDY.used_model(wildcards.model).reference_key)
 
 
 def gate_accept(wildcards):
-    return list(STUDY.models[wildcards.model].accept)
+    return list(STUDY.used_model(wildcards.model).accept)
 
 
 def audit_published(wildcards):
