@@ -107,3 +107,16 @@ def test_replicas_are_collapsed_not_counted_as_pairs():
     (d,) = differ.evidence.per_step
     assert differ.evidence.replicas == "differ" and d.replica_spread == pytest.approx(2e-7)
     assert d.closest_median == pytest.approx(3.5e-6 + 1e-7)  # the replicas' mean
+
+
+def test_report_writes_the_evidence_figure_and_the_declared_test(tmp_path):
+    from retrace.report.build import build_report
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    table({2: {"A": SIX_A, "B": SIX_B}, 4: {"A": SIX_A, "B": SIX_B}}).to_parquet(tables / "similarity.parquet")
+    out = build_report(tables, tmp_path / "report", documented={"m": "B"}, primary_step=2, log=lambda _: None)
+    assert (out / "figures" / "evidence_m.png").stat().st_size > 1000
+    js = json.loads((out / "verdict.json").read_text())["models"][0]
+    assert (js["test"], js["p_value"], js["floor_step"], js["agrees"]) == ("primary step 2", 0.03125, 2, False)
+    assert "where the evidence is" in (out / "index.html").read_text()

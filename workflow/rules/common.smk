@@ -365,6 +365,12 @@ def report_documented(wildcards):
     return " ".join(f"--documented {shlex.quote(p)}" for p in pairs)
 
 
+def report_primary_step(wildcards):
+    """--primary-step N when the study declares the verdict's primary step (else Holm over all steps)."""
+    step = config.get("verdict", {}).get("primary_step")
+    return "" if step is None else f"--primary-step {int(step)}"
+
+
 # ------------------------------------------------------------------------------------------ audit
 
 

@@ -94,7 +94,8 @@ rule report:
         TOOLS_ENV
     params:
         documented=report_documented,
+        primary_step=report_primary_step,
     shell:
         logged(
-            "retrace report --tables results/tables --out results/report {params.documented}"
+            "retrace report --tables results/tables --out results/report {params.documented} {params.primary_step}"
         )

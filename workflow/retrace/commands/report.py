@@ -42,11 +42,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="MODEL=VARIANT",
         help="the data variant a model is published as; the verdict says whether it agrees (repeatable)",
     )
+    p.add_argument(
+        "--primary-step",
+        type=int,
+        default=None,
+        help="the one step the combined verdict tests, declared by the study before it ran (default: Holm over all steps)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from retrace.report.build import build_report
 
-    build_report(args.tables, args.out, args.steps, parse_documented(args.documented))
+    build_report(
+        args.tables, args.out, args.steps, parse_documented(args.documented), primary_step=args.primary_step
+    )
     return 0

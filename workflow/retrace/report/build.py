@@ -16,6 +16,7 @@ failed run leaves the previous report or nothing, and two concurrent runs each l
     tables/references.csv            only with ``references``: each fetched reference's repo, step,
                                      commit and whether it was verified (``retrace.checkpoints.record``)
     figures/trajectory_<model>.png   1 − θ Cos and L2 over steps, one line per data variant
+    figures/evidence_<model>.png     where the evidence is: data gap and noise floor over steps
     figures/factor_<axis>_<model>.png  the same split by one factor's values
 """
 
@@ -38,9 +39,10 @@ from retrace.errors import RetraceError
 from retrace.io import default_dir_mode, replace_dir, write_json
 from retrace.report import generations
 from retrace.report import tables as T
+from retrace.report.evidence_figures import evidence_figure
 from retrace.report.frames import DATA, MODEL, axis_columns, fmt_cos, fmt_num, read_parquet, show
 from retrace.report.trajectories import factor_figure, figure_name, trajectory_figure
-from retrace.report.verdict import verdict_json, verdict_text, verdicts
+from retrace.report.verdict import reproduced_phrase, verdict_json, verdict_text, verdicts
 
 SIMILARITY_COLUMNS = ("cell", "step", "cos", "one_minus_cos", "l2", MODEL, DATA)
 MARKER = "verdict.json"  # a directory holding it is a retrace report and may be replaced
@@ -103,9 +105,13 @@ def _index_html(
         label = ""
         if v.documented is not None:
             label = f" — documented as <b>{esc(v.documented)}</b>: {'agrees' if v.label_agrees else 'DISAGREES'}"
+        if v.evidence is not None:
+            p = v.evidence.p_value
+            bits.append(f"over steps ({esc(v.evidence.mode)}): p = {'–' if p is None else f'{p:.4g}'}")
+        reproduced = "" if v.evidence is None else f" — {esc(reproduced_phrase(v))}"
         summary.append(
             f"<li><b>{esc(v.model)}</b>: closest data variant <b class=\"winner\">{esc(v.winner)}</b> "
-            f"({'; '.join(bits)}){label}</li>"
+            f"({'; '.join(bits)}){label}{reproduced}</li>"
         )
     parts = [
         "<!DOCTYPE html>",
@@ -204,6 +210,7 @@ def build_report(
     documented: Mapping[str, str] | None = None,
     log: Callable[[str], None] = print,
     references: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
+    primary_step: int | None = None,
 ) -> Path:
     """Write the report for the aggregated tables in ``tables`` to ``out`` (see the module doc).
 
@@ -216,7 +223,7 @@ def build_report(
     steps = T.check_steps(sim, steps) if steps else T.default_steps(sim)
     train_log_path = tables / "train_log.parquet"
     train_log = read_parquet(train_log_path, (), "aggregated train log") if train_log_path.exists() else None
-    vs = verdicts(sim, steps, documented)
+    vs = verdicts(sim, steps, documented, primary_step)
     cross_path = tables / CROSS.TABLE_NAME
     cross = read_parquet(cross_path, CROSS.COLUMNS, "cross-generation table") if cross_path.exists() else None
     refs = references_table(references) if references is not None else None
@@ -264,6 +271,10 @@ def build_report(
             references_fragment = _references_html(refs)
 
         figures = []
+        for v in vs:
+            if v.evidence is not None and v.winner is not None:
+                path = evidence_figure(v.model, v.winner, v.evidence, tmp / "figures" / figure_name("evidence", v.model))
+                figures.append((f"{v.model}: where the evidence is (gap and floor over steps)", path))
         for model, sub in sim.groupby(MODEL, sort=True):
             path = trajectory_figure(sub, tmp / "figures" / figure_name("trajectory", str(model)))
             figures.append((f"{model}: 1 − θ Cos and L2 over steps per data variant", path))
