@@ -269,6 +269,8 @@ def train_inputs(wildcards):
         "published": built_record(cell.model),
         "order": order_record(cell.data, cell.model),
         "start": launch.start_weights(cell),
+        # re-anchored segments read every published checkpoint they reach (its fetched file)
+        "reanchor": reference_steps_record(cell) if cell.reanchor else [],
     }
 
 
