@@ -120,3 +120,23 @@ def test_report_writes_the_evidence_figure_and_the_declared_test(tmp_path):
     js = json.loads((out / "verdict.json").read_text())["models"][0]
     assert (js["test"], js["p_value"], js["floor_step"], js["agrees"]) == ("primary step 2", 0.03125, 2, False)
     assert "where the evidence is" in (out / "index.html").read_text()
+
+
+def test_anchored_cells_get_their_own_verdict_and_figure(tmp_path):
+    from retrace.report.build import build_report
+
+    free = table({2: {"A": SIX_A, "B": SIX_B}, 4: {"A": SIX_A, "B": SIX_B}}).assign(reanchor=False)
+    anchored = table({2: {"A": [0.0] * 6, "B": SIX_B}, 4: {"A": [0.0] * 6, "B": SIX_B}}).assign(reanchor=True)
+    anchored["cell"] += "-anchored"
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    pd.concat([free, anchored]).to_parquet(tables / "similarity.parquet")
+    out = build_report(tables, tmp_path / "report", log=lambda _: None)
+    js = json.loads((out / "verdict.json").read_text())
+    (m,) = js["models"]
+    assert m["per_step"][-1]["pairs"] == 6 and m["floor"] == pytest.approx(6e-6)  # free cells only
+    (a,) = js["anchored_models"]
+    # anchored A is bit-identical: floor 0, distance 0 -> reproduced
+    assert (a["closest"], a["floor"], a["reproduced"]) == ("A", 0.0, True)
+    assert (out / "figures" / "anchored_m.png").stat().st_size > 1000
+    assert "Re-anchored segments" in (out / "verdict.txt").read_text()

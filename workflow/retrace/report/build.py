@@ -17,6 +17,7 @@ failed run leaves the previous report or nothing, and two concurrent runs each l
                                      commit and whether it was verified (``retrace.checkpoints.record``)
     figures/trajectory_<model>.png   1 − θ Cos and L2 over steps, one line per data variant
     figures/evidence_<model>.png     where the evidence is: data gap and noise floor over steps
+    figures/anchored_<model>.png     re-anchored segments vs free-running runs (cells with reanchor: true)
     figures/factor_<axis>_<model>.png  the same split by one factor's values
 """
 
@@ -39,7 +40,8 @@ from retrace.errors import RetraceError
 from retrace.io import default_dir_mode, replace_dir, write_json
 from retrace.report import generations
 from retrace.report import tables as T
-from retrace.report.evidence_figures import evidence_figure
+from retrace.report.evidence import split_anchored
+from retrace.report.evidence_figures import anchored_figure, evidence_figure
 from retrace.report.frames import DATA, MODEL, axis_columns, fmt_cos, fmt_num, read_parquet, show
 from retrace.report.trajectories import factor_figure, figure_name, trajectory_figure
 from retrace.report.verdict import reproduced_phrase, verdict_json, verdict_text, verdicts
@@ -219,11 +221,12 @@ def build_report(
     """
     tables, out = Path(tables), Path(out)
     _check_replaceable(out)
-    sim = load_similarity(tables)
+    sim, anchored = split_anchored(load_similarity(tables))  # the verdict and tables: free-running cells
     steps = T.check_steps(sim, steps) if steps else T.default_steps(sim)
     train_log_path = tables / "train_log.parquet"
     train_log = read_parquet(train_log_path, (), "aggregated train log") if train_log_path.exists() else None
     vs = verdicts(sim, steps, documented, primary_step)
+    anchored_vs = verdicts(anchored, steps, documented, primary_step) if anchored is not None else []
     cross_path = tables / CROSS.TABLE_NAME
     cross = read_parquet(cross_path, CROSS.COLUMNS, "cross-generation table") if cross_path.exists() else None
     refs = references_table(references) if references is not None else None
@@ -235,8 +238,14 @@ def build_report(
         (tmp / "tables").mkdir()
         (tmp / "figures").mkdir()
         text = verdict_text(vs)
+        if anchored_vs:
+            text += "\n" + verdict_text(anchored_vs, title="Re-anchored segments (each published step restarts "
+                                         "from the published weights): the closest data variant per model")
         (tmp / "verdict.txt").write_text(text, encoding="utf-8")
-        write_json(tmp / "verdict.json", {"steps": list(steps), **verdict_json(vs)})
+        js = {"steps": list(steps), **verdict_json(vs)}
+        if anchored_vs:
+            js["anchored_models"] = verdict_json(anchored_vs)["models"]
+        write_json(tmp / "verdict.json", js)
 
         factor_parts, longs = [], []
         for factor in T.factors(sim):
@@ -275,6 +284,11 @@ def build_report(
             if v.evidence is not None and v.winner is not None:
                 path = evidence_figure(v.model, v.winner, v.evidence, tmp / "figures" / figure_name("evidence", v.model))
                 figures.append((f"{v.model}: where the evidence is (gap and floor over steps)", path))
+        if anchored is not None:
+            for model, sub in anchored.groupby(MODEL, sort=True):
+                free = sim[sim[MODEL] == model]
+                path = anchored_figure(free, sub, tmp / "figures" / figure_name("anchored", str(model)))
+                figures.append((f"{model}: re-anchored segments vs free-running runs", path))
         for model, sub in sim.groupby(MODEL, sort=True):
             path = trajectory_figure(sub, tmp / "figures" / figure_name("trajectory", str(model)))
             figures.append((f"{model}: 1 − θ Cos and L2 over steps per data variant", path))

@@ -43,6 +43,7 @@ from retrace.report.stats import holm, sign_test_p
 
 PRIMARY = "one_minus_cos"
 REPLICA = "replica"
+REANCHOR = "reanchor"
 #: The closest variant's median distance above this many floors: the reference is not reproduced.
 FAR = 10.0
 METRIC_COLUMNS = ("one_minus_cos", "cos", "l2")
@@ -189,3 +190,16 @@ def evidence(
         reproduced = None
         notes.append(f"{closest} is within {FAR:g} floors at some tested steps and not at others")
     return Evidence(mode, per_step, p, reproduced, None, notes)
+
+
+def split_anchored(sim: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(free-running rows, re-anchored rows or None), each without the ``reanchor`` column.
+
+    Re-anchored segments and free-running runs answer different questions (one segment's mismatch,
+    or the compounded one), so they are never pooled into one floor or one sign test.
+    """
+    if REANCHOR not in sim.columns:
+        return sim, None
+    anchored = sim[REANCHOR].astype(bool)
+    free = sim.loc[~anchored].drop(columns=[REANCHOR])
+    return free, (sim.loc[anchored].drop(columns=[REANCHOR]) if anchored.any() else None)

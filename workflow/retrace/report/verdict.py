@@ -334,8 +334,8 @@ def evidence_lines(v: ModelVerdict) -> list[str]:
     return out
 
 
-def verdict_text(vs: Sequence[ModelVerdict]) -> str:
-    lines = ["Verdict: the data variant closest to each published model", ""]
+def verdict_text(vs: Sequence[ModelVerdict], title: str = "Verdict: the data variant closest to each published model") -> str:
+    lines = [title, ""]
     for v in vs:
         lines.extend(verdict_lines(v))
         lines.append("")
