@@ -44,6 +44,9 @@ def runs(world):
         "gas4_free": cell(world, "gas4_free", 1, 2, 4),
         "wrong": cell(world, "wrong", 1, 2, 4, data="other", reanchor=anchor),
         "wrong_free": cell(world, "wrong_free", 1, 2, 4, data="other"),
+        # two real ranks (gloo, ZeRO-1: each rank re-anchors its shard of the master) and the same simulated
+        "wrong_2ranks": cell(world, "wrong_2ranks", 2, 4, 1, data="other", reanchor=anchor, simulate_ranks=False),
+        "wrong_2sim": cell(world, "wrong_2sim", 2, 4, 1, data="other", reanchor=anchor),
     }
     for c in made.values():
         train(c)
@@ -74,6 +77,16 @@ def test_segments_do_not_compound_and_wrong_data_stays_far(runs):
     # (LR 0 on the first), and below its own free run from the second segment on (no compounding)
     assert all(d["wrong"][s] > d["gas4"][s] for s in SAVED if s > 1)
     assert all(d["wrong"][s] < d["wrong_free"][s] for s in SAVED if s > 2)
+
+
+@pytest.mark.slow
+def test_real_ranks_reanchor_their_shards_like_simulated_ranks(runs):
+    world, d = runs
+    assert d["wrong_2ranks"][2] > 0  # the wrong data moved it away from the published run
+    for s in SAVED:
+        a = load_ckpt(world / "wrong_2ranks" / "checkpoints" / f"step{s}.safetensors")
+        b = load_ckpt(world / "wrong_2sim" / "checkpoints" / f"step{s}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), f"step {s}"
 
 
 def test_missing_published_step_fails_before_training(world, tmp_path):
