@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from retrace.errors import RetraceError
-from retrace.grid import AXES, CELL_COLUMNS, CELL_ID_RE, SCHEMA_PATH, load_study
+from retrace.grid import AXES, CELL_COLUMNS, CELL_ID_RE, OPTIONAL_AXES, SCHEMA_PATH, load_study
 from retrace.launch import train_spec
 from retrace.placement import place
 from retrace.spec import TrainConfig, from_arguments
@@ -51,7 +51,8 @@ def test_factorial_is_every_combination_with_defaults():
     assert c.id == "pythia-70m-deduped__deduped-raw__g32p32a1__a100__flash__torch-cpu__s1234__to1000__fp16__builtin"
     assert c.axes == {"model": "pythia-70m-deduped", "data": "deduped-raw",
                       "parallel": {"gpus": 32, "pdbs": 32, "gas": 1}, "gpu_type": "a100", "attention": "flash",
-                      "deps": "torch-cpu", "seed": 1234, "steps": 1000, "precision": "fp16", "engine": "builtin"}
+                      "deps": "torch-cpu", "seed": 1234, "steps": 1000, "precision": "fp16", "engine": "builtin",
+                      "replica": 0, "reanchor": False}
     assert {(x.data.name, x.parallel.gas) for x in cells} == set(
         itertools.product(["deduped-raw", "standard-raw"], [1, 2]))
 
@@ -98,7 +99,7 @@ def test_ids_follow_the_grammar_and_split_back_into_axes():
     for cell in load(cfg).cells():
         assert CELL_ID_RE.fullmatch(cell.id)
         tokens = cell.id.split("__")
-        assert len(tokens) == len(AXES)
+        assert len(tokens) == len(AXES) - len(OPTIONAL_AXES)  # optional axes at their default: no token
         assert tokens[0] == "pythia-70m-deduped-from1000"
         assert tokens[2] == f"g{cell.parallel.gpus}p{cell.parallel.pdbs}a{cell.parallel.gas}"
         assert tokens[5:8] == ["torch2.4", "s1234", "to2000"]
@@ -401,3 +402,18 @@ def test_load_study_from_a_file(tmp_path):
         load_study(path, root=ROOT)
     with pytest.raises(RetraceError, match="not found"):
         load_study(tmp_path / "missing.yaml")
+
+
+def test_replica_and_reanchor_axes_add_cells_and_rename_none():
+    from retrace.grid import CELL_ID_RE
+
+    before = {c.id for c in load(base_config()).cells()}
+    cfg = base_config()
+    cfg["axes"] = {**cfg["axes"], "replica": [0, 1], "reanchor": [False, True]}
+    cells = load(cfg).cells()
+    ids = {c.id for c in cells}
+    assert before <= ids and len(ids) == 4 * len(before)
+    assert {c.id.split("__", 10)[-1] for c in cells if c.replica or c.reanchor} == {"r1", "anchored", "r1__anchored"}
+    assert all(CELL_ID_RE.match(i) for i in ids)
+    anchored = next(c for c in cells if c.reanchor and not c.replica)
+    assert not next(c for c in cells if c.id == anchored.id.removesuffix("__anchored")).reanchor

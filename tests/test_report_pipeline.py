@@ -268,7 +268,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_figures_are_valid_pngs(report: Path):
     names = sorted(p.name for p in (report / "figures").iterdir())
     assert names == sorted(
-        f"{kind}_{m}.png" for m in MODELS for kind in ("trajectory", "factor_parallel", "factor_attention")
+        f"{kind}_{m}.png" for m in MODELS for kind in ("trajectory", "factor_parallel", "factor_attention", "evidence")
     )
     for name in names:
         w, h = _png_size(report / "figures" / name)
@@ -285,7 +285,9 @@ def test_report_replaces_itself_and_refuses_foreign_directories(tables: Path, tm
     (out / "stale.txt").write_text("old")
     build_report(small, out, log=lambda _: None)
     assert not (out / "stale.txt").exists() and (out / "index.html").is_file()
-    assert sorted(p.name for p in (out / "figures").iterdir()) == ["factor_attention_control.png", "trajectory_control.png"]
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "evidence_control.png", "factor_attention_control.png", "trajectory_control.png"
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "small"]  # no temporary directory left
     foreign = tmp_path / "home"
     foreign.mkdir()
@@ -364,5 +366,5 @@ def test_index_html_renders_in_headless_chromium(report: Path, tmp_path: Path):
     ).stdout  # fmt: skip
     assert "Closest variant: standard" in dom and "Closest variant: deduped" in dom
     assert '<b class="winner">standard</b>' in dom and "DISAGREES" in dom
-    assert dom.count("data:image/png;base64,") == 6
+    assert dom.count("data:image/png;base64,") == 8  # 3 per model and an evidence figure each
     assert 'id="factor-parallel"' in dom and "<table" in dom

@@ -70,14 +70,17 @@ from retrace.placement import place
 from retrace.pythia.constants import GLOBAL_BATCH, SEED, SEQ_LENGTH
 
 #: The axes, in cell-id order.
-AXES = ("model", "data", "parallel", "gpu_type", "attention", "deps", "seed", "steps", "precision", "engine")
+AXES = ("model", "data", "parallel", "gpu_type", "attention", "deps", "seed", "steps", "precision", "engine",
+        "replica", "reanchor")
+#: Axes appended after the first ten: their default value adds no token to the id (old ids stay valid).
+OPTIONAL_AXES = {"replica": 0, "reanchor": False}
 #: Columns of the cells table: the id, then every axis (``parallel`` as gpus, pdbs, gas).
 CELL_COLUMNS = ("cell", "model", "data", "gpus", "pdbs", "gas", "gpu_type", "attention", "deps", "seed",
-                "steps", "precision", "engine")
+                "steps", "precision", "engine", "replica", "reanchor")
 
 TOKEN = r"[A-Za-z0-9]+(?:[-._+][A-Za-z0-9]+)*"
 #: A cell id, for Snakemake's wildcard_constraints (one token per axis).
-CELL_ID_PATTERN = rf"{TOKEN}(?:__{TOKEN}){{{len(AXES) - 1}}}"
+CELL_ID_PATTERN = rf"{TOKEN}(?:__{TOKEN}){{{len(AXES) - 1 - len(OPTIONAL_AXES)},{len(AXES) - 1}}}"
 CELL_ID_RE = re.compile(CELL_ID_PATTERN)  # use with fullmatch
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
@@ -225,6 +228,8 @@ class Cell:
     steps: int
     precision: str
     engine: str
+    replica: int = 0  # the same settings run again (r<N> in the id): nondeterminism on GPU, none on CPU
+    reanchor: bool = False  # re-anchored segments (retrace.train.reanchor; `anchored` in the id)
     id: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -232,20 +237,23 @@ class Cell:
 
     def tokens(self) -> list[str]:
         return [self.model.token, self.data.name, self.parallel.token, self.gpu_type, self.attention,
-                self.deps, f"s{self.seed}", f"to{self.steps}", self.precision, self.engine]
+                self.deps, f"s{self.seed}", f"to{self.steps}", self.precision, self.engine,
+                *([f"r{self.replica}"] if self.replica else []), *(["anchored"] if self.reanchor else [])]
 
     @property
     def axes(self) -> dict[str, Any]:
         """Axis name → plain value (model and data by name, parallel as a dict)."""
         return {"model": self.model.name, "data": self.data.name, "parallel": self.parallel.as_dict(),
                 "gpu_type": self.gpu_type, "attention": self.attention, "deps": self.deps,
-                "seed": self.seed, "steps": self.steps, "precision": self.precision, "engine": self.engine}
+                "seed": self.seed, "steps": self.steps, "precision": self.precision, "engine": self.engine,
+                "replica": self.replica, "reanchor": self.reanchor}
 
     def row(self) -> dict[str, Any]:
         """The cell's row of the cells table (``CELL_COLUMNS``)."""
         return {"cell": self.id, "model": self.model.name, "data": self.data.name, **self.parallel.as_dict(),
                 "gpu_type": self.gpu_type, "attention": self.attention, "deps": self.deps, "seed": self.seed,
-                "steps": self.steps, "precision": self.precision, "engine": self.engine}
+                "steps": self.steps, "precision": self.precision, "engine": self.engine,
+                "replica": self.replica, "reanchor": self.reanchor}
 
     def checkpoint_steps(self) -> list[int]:
         """Steps this cell saves (and compares): the start, the Pythia schedule, the last step."""
@@ -461,7 +469,7 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
                 raise fail(f"models.{name}.data[{i}]", f"{variant!r} is not a data variant "
                                                        f"(defined under data: {', '.join(data)})")
 
-    axes: dict[str, list] = {axis: list(config["axes"][axis]) for axis in AXES}
+    axes: dict[str, list] = {axis: list(config["axes"].get(axis, [OPTIONAL_AXES.get(axis)])) for axis in AXES}
     for i, name in enumerate(axes["model"]):
         if name not in models:
             raise fail(f"axes.model[{i}]", f"unknown model {name!r} (defined under models: {', '.join(models)})")

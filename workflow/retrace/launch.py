@@ -90,7 +90,8 @@ def train_spec(study: Study, cell: Cell) -> TrainConfig | NeoXRunConfig:
                        precision=cell.precision, engine=cell.engine, steps=cell.steps, seed=cell.seed,
                        reference=staged, start_step=m.start_step, out=paths.run_dir(cell.id),
                        published=m.reference, device="cuda" if cell.on_gpu else "cpu",
-                       gpu_names=gpu_names(study, cell))
+                       gpu_names=gpu_names(study, cell),
+                       reanchor=paths.reference_dir(m.reference_key) if cell.reanchor else None)
 
 
 def build_spec(study: Study, model: Model) -> TrainConfig:
@@ -116,10 +117,11 @@ def publish_flags(model: Model) -> str:
 
 
 def _train_spec(study: Study, m: Model, *, data, parallel, attention, precision, engine, steps, seed,
-                reference, start_step, out, published=None, device="auto", gpu_names=None) -> TrainConfig:
+                reference, start_step, out, published=None, device="auto", gpu_names=None,
+                reanchor=None) -> TrainConfig:
     return TrainConfig(**{**study.train_settings, **m.train_settings},
                        reference=reference, start_step=start_step, out=out, published=published,
-                       device=device, gpu_names=gpu_names,
+                       device=device, gpu_names=gpu_names, reanchor=reanchor,
                        data=paths.data_prefix(data, study.synthetic["seed"]), data_kind=data.format,
                        order_seed=data.order_seed, shuffle_samples=data.shuffle_samples,
                        order_cache=paths.order_dir(data) if data.format == "raw" or data.shuffle_samples else None,

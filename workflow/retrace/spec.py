@@ -150,6 +150,11 @@ class TrainConfig:
     keep_states: int = setting("resume states to keep", default=2, resume=False)
     save_steps: list[int] | None = setting("comma-separated steps to save instead of the Pythia schedule "
                                            "(start and end always)", default=None, resume=False)
+    reanchor: str | None = setting(
+        "directory of the published run's step{N}.safetensors: after the checkpoint of each saved step, the "
+        "weights become the published ones (optimizer state, loss scale and data position kept), so each "
+        "segment is measured without the compounding of earlier ones (retrace.train.reanchor)",
+        default=None, metavar="DIR")
     progress: bool = setting("progress lines on stderr", default=True, resume=False, cell=False)
     extra: dict = setting("test hooks", factory=dict, resume=False, cli=False, cell=False)
 

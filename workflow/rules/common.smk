@@ -336,6 +336,8 @@ def train_inputs(wildcards):
         # a rebuilt corpus must reproduce the published stream first (study key order_check), and the
         # model's start step must pass the reference hygiene gate (models.<name>.accept overrides it)
         "gate": [*rebuilt.gate_for(STUDY, cell.data), layout.start_gate(cell.model.name)],
+        # re-anchored segments read every published checkpoint they reach (its fetched file)
+        "reanchor": reference_steps_record(cell) if cell.reanchor else [],
     }
 
 
@@ -433,6 +435,12 @@ def report_documented(wildcards):
     """--documented MODEL=VARIANT for every model whose published data variant the config states."""
     pairs = [f"{m.name}={m.documented}" for m in STUDY.used_models() if m.documented]
     return " ".join(f"--documented {shlex.quote(p)}" for p in pairs)
+
+
+def report_primary_step(wildcards):
+    """--primary-step N when the study declares the verdict's primary step (else Holm over all steps)."""
+    step = config.get("verdict", {}).get("primary_step")
+    return "" if step is None else f"--primary-step {int(step)}"
 
 
 # ------------------------------------------------------------------------------------------ audit

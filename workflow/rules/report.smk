@@ -100,7 +100,9 @@ rule report:
     params:
         documented=report_documented,
         references=report_references,
+        primary_step=report_primary_step,
     shell:
         logged(
             "retrace report --tables results/tables --out results/report {params.documented} {params.references}"
+            " {params.primary_step}"
         )

@@ -50,11 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fetched reference files or directories (resources/references/<repo>): the report lists each "
         "one's repo, step, commit and whether it was verified (repeatable)",
     )
+    p.add_argument(
+        "--primary-step",
+        type=int,
+        default=None,
+        help="the one step the combined verdict tests, declared by the study before it ran (default: Holm over all steps)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from retrace.report.build import build_report
 
-    build_report(args.tables, args.out, args.steps, parse_documented(args.documented), references=args.references)
+    build_report(args.tables, args.out, args.steps, parse_documented(args.documented), references=args.references,
+                 primary_step=args.primary_step)
     return 0

@@ -18,6 +18,8 @@ failed run leaves the previous report or nothing, and two concurrent runs each l
     tables/references.csv            only with ``references``: each fetched reference's repo, step,
                                      commit and whether it was verified (``retrace.checkpoints.record``)
     figures/trajectory_<model>.png   1 − θ Cos and L2 over steps, one line per data variant
+    figures/evidence_<model>.png     where the evidence is: data gap and noise floor over steps
+    figures/anchored_<model>.png     re-anchored segments vs free-running runs (cells with reanchor: true)
     figures/factor_<axis>_<model>.png  the same split by one factor's values
 """
 
@@ -41,9 +43,11 @@ from retrace.io import default_dir_mode, replace_dir, write_json
 from retrace.report import generations, provenance
 from retrace.report import segments as SEG
 from retrace.report import tables as T
+from retrace.report.evidence import split_anchored
+from retrace.report.evidence_figures import anchored_figure, evidence_figure
 from retrace.report.frames import DATA, MODEL, axis_columns, fmt_cos, fmt_num, read_parquet, show
 from retrace.report.trajectories import factor_figure, figure_name, trajectory_figure
-from retrace.report.verdict import verdict_json, verdict_text, verdicts
+from retrace.report.verdict import reproduced_phrase, verdict_json, verdict_text, verdicts
 
 SIMILARITY_COLUMNS = ("cell", "step", "cos", "one_minus_cos", "l2", MODEL, DATA)
 MARKER = "verdict.json"  # a directory holding it is a retrace report and may be replaced
@@ -108,9 +112,13 @@ def _index_html(
         label = ""
         if v.documented is not None:
             label = f" — documented as <b>{esc(v.documented)}</b>: {'agrees' if v.label_agrees else 'DISAGREES'}"
+        if v.evidence is not None:
+            p = v.evidence.p_value
+            bits.append(f"over steps ({esc(v.evidence.mode)}): p = {'–' if p is None else f'{p:.4g}'}")
+        reproduced = "" if v.evidence is None else f" — {esc(reproduced_phrase(v))}"
         summary.append(
             f"<li><b>{esc(v.model)}</b>: closest data variant <b class=\"winner\">{esc(v.winner)}</b> "
-            f"({'; '.join(bits)}){label}</li>"
+            f"({'; '.join(bits)}){label}{reproduced}</li>"
         )
     parts = [
         "<!DOCTYPE html>",
@@ -213,6 +221,7 @@ def build_report(
     documented: Mapping[str, str] | None = None,
     log: Callable[[str], None] = print,
     references: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
+    primary_step: int | None = None,
 ) -> Path:
     """Write the report for the aggregated tables in ``tables`` to ``out`` (see the module doc).
 
@@ -221,11 +230,12 @@ def build_report(
     """
     tables, out = Path(tables), Path(out)
     _check_replaceable(out)
-    sim = load_similarity(tables)
+    sim, anchored = split_anchored(load_similarity(tables))  # the verdict and tables: free-running cells
     steps = T.check_steps(sim, steps) if steps else T.default_steps(sim)
     train_log_path = tables / "train_log.parquet"
     train_log = read_parquet(train_log_path, (), "aggregated train log") if train_log_path.exists() else None
-    vs = verdicts(sim, steps, documented)
+    vs = verdicts(sim, steps, documented, primary_step)
+    anchored_vs = verdicts(anchored, steps, documented, primary_step) if anchored is not None else []
     cross_path = tables / CROSS.TABLE_NAME
     cross = read_parquet(cross_path, CROSS.COLUMNS, "cross-generation table") if cross_path.exists() else None
     refs = references_table(references) if references is not None else None
@@ -237,8 +247,14 @@ def build_report(
         (tmp / "tables").mkdir()
         (tmp / "figures").mkdir()
         text = verdict_text(vs)
+        if anchored_vs:
+            text += "\n" + verdict_text(anchored_vs, title="Re-anchored segments (each published step restarts "
+                                         "from the published weights): the closest data variant per model")
         (tmp / "verdict.txt").write_text(text, encoding="utf-8")
-        write_json(tmp / "verdict.json", {"steps": list(steps), **verdict_json(vs)})
+        js = {"steps": list(steps), **verdict_json(vs)}
+        if anchored_vs:
+            js["anchored_models"] = verdict_json(anchored_vs)["models"]
+        write_json(tmp / "verdict.json", js)
 
         factor_parts, longs = [], []
         for factor in T.factors(sim):
@@ -279,6 +295,15 @@ def build_report(
             references_fragment = _references_html(refs)
 
         figures = []
+        for v in vs:
+            if v.evidence is not None and v.winner is not None:
+                path = evidence_figure(v.model, v.winner, v.evidence, tmp / "figures" / figure_name("evidence", v.model))
+                figures.append((f"{v.model}: where the evidence is (gap and floor over steps)", path))
+        if anchored is not None:
+            for model, sub in anchored.groupby(MODEL, sort=True):
+                free = sim[sim[MODEL] == model]
+                path = anchored_figure(free, sub, tmp / "figures" / figure_name("anchored", str(model)))
+                figures.append((f"{model}: re-anchored segments vs free-running runs", path))
         for model, sub in sim.groupby(MODEL, sort=True):
             path = trajectory_figure(sub, tmp / "figures" / figure_name("trajectory", str(model)))
             figures.append((f"{model}: 1 − θ Cos and L2 over steps per data variant", path))

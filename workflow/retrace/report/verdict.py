@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from retrace.errors import RetraceError
+from retrace.report import evidence as E
 from retrace.report.frames import DATA, MODEL, axis_columns, describe, fmt_num, sorted_values
 from retrace.report.stats import sign_test_p
 
@@ -108,6 +109,7 @@ class ModelVerdict:
     documented: str | None
     against: list[Pairwise]
     notes: list[str] = field(default_factory=list)
+    evidence: E.Evidence | None = None  # per-step floor, gap and the combined test (retrace.report.evidence)
 
     @property
     def label_agrees(self) -> bool | None:
@@ -158,12 +160,18 @@ def _check_unique(sub: pd.DataFrame, axes: list[str]) -> None:
 
 
 def model_verdict(
-    sub: pd.DataFrame, steps: Sequence[int] = (), documented: str | None = None
+    sub: pd.DataFrame, steps: Sequence[int] = (), documented: str | None = None, primary_step: int | None = None
 ) -> ModelVerdict:
-    """The verdict for one model's rows of the aggregated similarity table."""
+    """The verdict for one model's rows of the aggregated similarity table.
+
+    ``primary_step``: the one step the combined test uses, declared by the study before it ran;
+    None = Holm over every step (``retrace.report.evidence``).
+    """
     axes = axis_columns(sub)
     model = str(sub[MODEL].iloc[0])
     _check_unique(sub, axes)
+    sub, replica_spread, replicas = E.collapse_replicas(sub, [a for a in axes if a != DATA])
+    axes = [a for a in axes if a != E.REPLICA]
     keys = [a for a in axes if a != DATA]
     variants = [str(v) for v in sorted_values(sub[DATA])]
     notes = []
@@ -203,11 +211,19 @@ def model_verdict(
             notes.append(f"{winner} and {pw.second} have no matched pair")
         elif (pw.final[PRIMARY].wins > pw.final[PRIMARY].losses) != (pw.final[SECONDARY].wins > pw.final[SECONDARY].losses):
             notes.append(f"{winner} vs {pw.second}: L2 does not agree with 1 - theta Cos")
-    return ModelVerdict(model, variants, winner, decided, documented, against, notes)
+    ev = E.evidence(sub, keys, winner, [o for o in variants if o != winner], primary_step)
+    ev.replicas = replicas
+    if replica_spread is not None:
+        for e in ev.per_step:
+            e.replica_spread = float(replica_spread.get(e.step, math.nan))
+    return ModelVerdict(model, variants, winner, decided, documented, against, notes, ev)
 
 
 def verdicts(
-    sim: pd.DataFrame, steps: Sequence[int] = (), documented: Mapping[str, str] | None = None
+    sim: pd.DataFrame,
+    steps: Sequence[int] = (),
+    documented: Mapping[str, str] | None = None,
+    primary_step: int | None = None,
 ) -> list[ModelVerdict]:
     """One verdict per model in the aggregated similarity table."""
     documented = dict(documented or {})
@@ -215,7 +231,7 @@ def verdicts(
     if unknown:
         raise RetraceError(f"documented variant given for unknown model(s): {', '.join(unknown)}")
     return [
-        model_verdict(sub, steps, documented.get(str(model)))
+        model_verdict(sub, steps, documented.get(str(model)), primary_step)
         for model, sub in sim.groupby(MODEL, sort=True)
     ]
 
@@ -260,6 +276,8 @@ def verdict_lines(v: ModelVerdict) -> list[str]:
             out.append(f"    {pw.first} closer at the chosen steps (descriptive, not tested): {steps}")
         out.append("    evidence (final common step of each matched pair):")
         out.extend(f"      {line}" for line in pw.evidence)
+    if v.evidence is not None:
+        out.extend(evidence_lines(v))
     if v.documented is not None:
         if v.label_agrees is None:
             out.append(f"  Documented variant: {v.documented} (no closest variant to check it against)")
@@ -270,12 +288,59 @@ def verdict_lines(v: ModelVerdict) -> list[str]:
     return out
 
 
-def verdict_text(vs: Sequence[ModelVerdict]) -> str:
-    lines = ["Verdict: the data variant closest to each published model", ""]
+def reproduced_phrase(v: ModelVerdict) -> str:
+    ev = v.evidence
+    if ev is None or v.winner is None:
+        return "no closest variant"
+    if ev.reproduced is True:
+        return f"{v.winner} reproduces the reference (within {E.FAR:g} floors at every tested step)"
+    if ev.reproduced is False:
+        return f"{v.winner} is closest, but no candidate reproduces the reference (above {E.FAR:g} floors)"
+    return f"{v.winner} is closest; whether it reproduces the reference cannot be told from the floor"
+
+
+def evidence_lines(v: ModelVerdict) -> list[str]:
+    """The per-step floor and gap and the combined test of one model."""
+    ev = v.evidence
+    assert ev is not None
+    tested = [e for e in ev.per_step if e.p_holm is not None]
+    how = (
+        f"Holm over the {len(tested)} step(s) with an untied pair"
+        if ev.mode == "holm" else f"the study's declared {ev.mode}"
+    )
+    p = "undefined (no tested step)" if ev.p_value is None else _fmt_p(ev.p_value)
+    out = [
+        f"  Combined over steps ({how}): p = {p}",
+        f"  Reproduced: {reproduced_phrase(v)}",
+        "  Where the evidence is (closest vs nearest other variant, 1 - theta Cos):",
+    ]
+    for e in ev.per_step:
+        units = "–" if e.gap_in_floors is None else f"{e.gap_in_floors:.3g}"
+        dist = "–" if e.distance_in_floors is None else f"{e.distance_in_floors:.3g}"
+        adj = "" if e.p_holm is None else f", adjusted {_fmt_p(e.p_holm)}"
+        out.append(
+            f"    step {e.step}: {v.winner} median {fmt_num(e.closest_median)} ({dist} floors), {e.rival} median "
+            f"{fmt_num(e.rival_median)}; floor {fmt_num(e.floor)}; gap {fmt_num(e.gap)} = {units} floors; "
+            f"{e.wins}/{e.wins + e.losses} pairs ({e.ties} tie(s)), p = {_fmt_p(e.p_value)}{adj}"
+        )
+    if ev.replicas is not None:
+        worst = max((e.replica_spread or 0.0) for e in ev.per_step) if ev.per_step else 0.0
+        out.append(
+            "  Replicas (identical settings run again): bit-identical at every step"
+            if ev.replicas == "bit-identical"
+            else f"  Replicas (identical settings run again): differ, largest spread {fmt_num(worst)} in 1 - theta Cos"
+        )
+    out.extend(f"  Note: {n}" for n in ev.notes)
+    return out
+
+
+def verdict_text(vs: Sequence[ModelVerdict], title: str = "Verdict: the data variant closest to each published model") -> str:
+    lines = [title, ""]
     for v in vs:
         lines.extend(verdict_lines(v))
         lines.append("")
     lines.append(f"Method: {METHOD}")
+    lines.append(f"Evidence: {E.METHOD}")
     return "\n".join(lines) + "\n"
 
 
@@ -294,6 +359,46 @@ def verdict_json(vs: Sequence[ModelVerdict]) -> dict[str, Any]:
         d = asdict(v)
         d["label_agrees"] = v.label_agrees
         d["summary"] = verdict_lines(v)[1].strip()
+        d.pop("evidence", None)
+        d.update(_evidence_json(v))
         models.append(d)
-    return clean({"method": METHOD, "primary": PRIMARY, "secondary": SECONDARY, "models": models})
+    return clean({
+        "method": METHOD, "evidence_method": E.METHOD, "primary": PRIMARY, "secondary": SECONDARY,
+        "far_floors": E.FAR, "models": models,
+    })
+
+
+def _evidence_json(v: ModelVerdict) -> dict[str, Any]:
+    """The machine-readable keys: closest, documented, agrees, reproduced, p_value, floor, per_step."""
+    ev = v.evidence
+    final = v.against[0].final.get(PRIMARY) if v.against and v.against[0].n_pairs else None
+    out: dict[str, Any] = {
+        "closest": v.winner, "documented": v.documented, "agrees": v.label_agrees,
+        "reproduced": None if ev is None else ev.reproduced,
+        "reproduced_text": reproduced_phrase(v),
+        "p_value": None if ev is None else ev.p_value,
+        "p_value_final_step": None if final is None else max(
+            pw.final[PRIMARY].p_value for pw in v.against if pw.final
+        ),
+        "test": None if ev is None else ev.mode,
+        "replicas": None if ev is None else ev.replicas,
+        "evidence_notes": [] if ev is None else ev.notes,
+    }
+    steps = [] if ev is None else ev.per_step
+    decision = None
+    if ev is not None and steps:
+        decision = next((e for e in steps if ev.mode != "holm" and e.p_holm is not None), steps[-1])
+    out["floor"] = None if decision is None else decision.floor
+    out["floor_step"] = None if decision is None else decision.step
+    out["per_step"] = [
+        {
+            "step": e.step, "rival": e.rival, "gap": e.gap, "floor": e.floor, "gap_in_floors": e.gap_in_floors,
+            "closest_median": e.closest_median, "rival_median": e.rival_median,
+            "distance_in_floors": e.distance_in_floors, "spread": e.spread, "replica_spread": e.replica_spread,
+            "pairs": e.pairs, "wins": e.wins, "losses": e.losses, "ties": e.ties,
+            "p_value": e.p_value, "p_adjusted": e.p_holm,
+        }
+        for e in steps
+    ]  # fmt: skip
+    return out
 

@@ -187,6 +187,8 @@ class BuiltinEngine:
     def end_rank(self) -> None:
         """Simulated data parallelism: add this rank's accumulated gradients into the reduce buffer
         (in the gradient dtype, ranks in order, like a sequential all-reduce sum) and start the next rank."""
+        if self.simulated_ranks <= 1:  # one rank: its gradients already are the sum (the step reduces nothing)
+            return
         if self._reduce is None:
             self._reduce = [torch.zeros_like(g.grad) for g in self.groups]
         for acc, g in zip(self._reduce, self.groups, strict=True):

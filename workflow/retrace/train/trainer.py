@@ -176,6 +176,11 @@ class Trainer:
             pythia_schedule(cfg.start_step, cfg.steps)
         self.save_steps = [s for s in self.save_steps if cfg.start_step <= s <= cfg.steps]
         self._check_start_step()
+        self.reanchor = None
+        if cfg.reanchor:  # re-anchored segments: the published weights at every saved step after the start
+            from retrace.train.reanchor import Reanchor
+
+            self.reanchor = Reanchor(cfg.reanchor, [s for s in self.save_steps if s > cfg.start_step])
         if not st.complete_steps(self.rundir.state):
             self._open_start_params().close()  # a start step the source does not have fails here
 
@@ -463,6 +468,8 @@ class Trainer:
             saving = step in self.save_steps
             if saving and self.env.is_main:
                 hashes[str(step)] = self._save_checkpoint(engine, step, ckpt_dir)
+            if saving and self.reanchor is not None:  # after the checkpoint, before the state
+                self.reanchor(engine, step)
             if saving or stop or step == cfg.steps:
                 self._save_state(engine, step, hashes, rows)
             now = time.perf_counter()
