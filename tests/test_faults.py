@@ -102,3 +102,72 @@ def test_a_huge_step_count_is_refused_naming_the_key(key):
     count("huge step count", clear=got.kind == "clear")
     assert got.kind == "clear", got.message
     assert f"config key {key}" in got.message, got.message
+
+
+# ------------------------------------------------------------------- corrupt inputs in the middle of a study
+
+def _tiny_run(world, name: str, steps: int = 4, **over):
+    from retrace.train import TrainConfig, train
+    from test_train_helpers import SEQ, B
+
+    cfg = dict(reference=str(world / "ref"), data=str(world / "data" / "tiny"), out=str(world / name), steps=steps,
+               recipe="70m", global_batch=B, seq_length=SEQ, train_iters=100, lr=2e-3, pdbs=4, gas=2,
+               precision="fp16", threads=1, progress=False)
+    train(TrainConfig(**{**cfg, **over}))
+    return world / name
+
+
+@pytest.fixture(scope="module")
+def compared(world):
+    """A finished tiny run (steps 0, 1, 2, 4), its reference fetched as fetch-reference does (sealed
+    files), and the tables compare-run writes for it."""
+    from retrace.checkpoints import open_params, save_params
+    from retrace.compare.run import write_compare_run
+
+    run = _tiny_run(world, "cmp")
+    other = _tiny_run(world, "cmp-ref", lr=1e-3)  # the "published" run: another learning rate
+    refdir = world / "refdir"
+    for step in (0, 1, 2, 4):
+        with open_params(str(other / "checkpoints" / f"step{step}.safetensors")) as reader:
+            save_params(reader, refdir / f"step{step}.safetensors", seal=True)
+    out = world / "cmp-out"
+    write_compare_run(run, "test/ref", out / "sim.parquet", out / "tensors.parquet", refdir, log=lambda _: None)
+    return {"run": run, "refdir": refdir, "sim": (out / "sim.parquet").read_bytes()}
+
+
+def _damage(path: Path, how: str, rng: random.Random) -> bytes:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: rng.randrange(len(data) // 2, len(data) - 1)])
+    else:  # one bit flipped in the tensor data (the header stays readable)
+        n = 8 + int.from_bytes(data[:8], "little")
+        i = rng.randrange(n, len(data))
+        path.write_bytes(data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1:])
+    return data
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "reference"])
+@pytest.mark.parametrize("how", ["truncate", "bitflip"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_damaged_file_mid_study_is_named_before_it_is_compared(compared, tmp_path, what, how, seed):
+    from retrace.compare.run import write_compare_run
+    from retrace.errors import RetraceError
+
+    rng = random.Random(seed)
+    step = rng.choice([1, 2])  # in the middle: steps before it compare fine
+    path = (compared["run"] / "checkpoints" if what == "checkpoint" else compared["refdir"]) / f"step{step}.safetensors"
+    good = _damage(path, how, rng)
+    out = tmp_path / "sim.parquet"
+    try:
+        with pytest.raises(RetraceError) as err:
+            write_compare_run(compared["run"], "test/ref", out, tmp_path / "t.parquet", compared["refdir"],
+                              log=lambda _: None)
+        named = str(path) in str(err.value)
+        nothing_written = not out.exists() and not (tmp_path / "t.parquet").exists()
+        count(f"damaged {what} ({how})", clear=named, kept=nothing_written)
+        assert named, str(err.value)
+        assert nothing_written
+    finally:
+        path.write_bytes(good)
+    write_compare_run(compared["run"], "test/ref", out, tmp_path / "t.parquet", compared["refdir"], log=lambda _: None)
+    assert out.read_bytes() == compared["sim"]  # repaired: the same table as before
