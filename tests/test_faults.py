@@ -14,7 +14,14 @@ file, key or step. The cases:
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -171,3 +178,82 @@ def test_a_damaged_file_mid_study_is_named_before_it_is_compared(compared, tmp_p
         path.write_bytes(good)
     write_compare_run(compared["run"], "test/ref", out, tmp_path / "t.parquet", compared["refdir"], log=lambda _: None)
     assert out.read_bytes() == compared["sim"]  # repaired: the same table as before
+
+
+# ------------------------------------------------------------------------- SIGKILL, then a rerun
+
+def _start_and_kill(cmd: list[str], at_step: int, extra_s: float, env: dict) -> int:
+    """Start ``cmd``, SIGKILL it ``extra_s`` after its progress line shows ``at_step``; its exit status."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= at_step:
+            break
+        assert time.monotonic() < deadline
+    time.sleep(extra_s)
+    proc.kill()
+    proc.stderr.read()
+    return proc.wait(timeout=60)
+
+
+def _run_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "checkpoints").glob("step*.safetensors"))}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_rerun_ends_identical(world):
+    from test_train_helpers import argv
+
+    steps = 8
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
+    ref = subprocess.run(argv(world, "k-ref", steps), capture_output=True, text=True, env=env)
+    assert ref.returncode == 0, ref.stderr
+    want = _run_files(world / "k-ref")
+    want_manifest = json.loads((world / "k-ref" / "checkpoints" / "manifest.json").read_text())
+    slow = {**env, "RETRACE_TEST_STEP_DELAY": "0.05"}
+    for seed in (0, 1):
+        rng = random.Random(seed)
+        out = f"k{seed}"
+        at, extra = rng.randrange(1, steps - 1), rng.uniform(0, 0.08)  # in a step, or in a save
+        code = _start_and_kill(argv(world, out, steps), at, extra, slow)
+        assert code == -signal.SIGKILL
+        assert not (world / out / "checkpoints" / "manifest.json").exists()
+        again = subprocess.run(argv(world, out, steps), capture_output=True, text=True, env=env)
+        same = again.returncode == 0 and _run_files(world / out) == want
+        if same:
+            got = json.loads((world / out / "checkpoints" / "manifest.json").read_text())
+            same = [f["sha256"] for f in got["files"]] == [f["sha256"] for f in want_manifest["files"]]
+        count("SIGKILL in training", clear=again.returncode == 0, kept=same)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert same, f"seed {seed}: killed at step {at} + {extra:.3f} s, rerun differs"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_compare_then_rerun_ends_identical(compared, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
+    cmd = [sys.executable, "-m", "retrace", "compare-run", "--run", str(compared["run"]), "--reference", "test/ref",
+           "--reference-dir", str(compared["refdir"]), "--out", str(tmp_path / "sim.parquet"), "--tensors-out",
+           str(tmp_path / "t.parquet")]
+    full = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert full.returncode == 0, full.stderr
+    took = float(re.findall(r"\[(\d+\.\d+)s\]", full.stdout)[-1]) if "[" in full.stdout else 0.0
+    (tmp_path / "sim.parquet").unlink()
+    (tmp_path / "t.parquet").unlink()
+    for seed in (0, 1):
+        rng = random.Random(seed)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        first = proc.stdout.readline()  # the first step compared: the package is loaded, work under way
+        time.sleep(rng.uniform(0, max(took, 0.02)))
+        proc.kill()
+        proc.wait(timeout=60)
+        left = {p.name for p in tmp_path.iterdir()}
+        # either nothing, or both tables complete (the process may have finished): never a partial file
+        partial = left - {"sim.parquet", "t.parquet"} or ("sim.parquet" in left and "t.parquet" not in left)
+        again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        same = again.returncode == 0 and (tmp_path / "sim.parquet").read_bytes() == compared["sim"]
+        count("SIGKILL in compare", clear=again.returncode == 0, kept=same and not partial)
+        assert first.startswith("compare-run:"), first
+        assert not partial, left
+        assert same, again.stderr[-2000:]
+        for p in tmp_path.iterdir():
+            p.unlink()
