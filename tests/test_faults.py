@@ -257,3 +257,103 @@ def test_sigkill_mid_compare_then_rerun_ends_identical(compared, tmp_path):
         assert same, again.stderr[-2000:]
         for p in tmp_path.iterdir():
             p.unlink()
+
+
+# ------------------------------------------------------------------------------ tables: writers, a full disk
+
+def _fake_runs(root: Path, cells: int, tag: float) -> tuple[Path, Path]:
+    """A cells table and per-cell outputs whose values all carry ``tag`` (to tell two inputs apart)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [f"c{i}" for i in range(cells)]
+    root.mkdir(parents=True)
+    pq.write_table(pa.table({"cell": ids, "model": ["m"] * cells}), root / "cells.parquet")
+    for cid in ids:
+        d = root / "runs" / cid
+        d.mkdir(parents=True)
+        steps = list(range(200))
+        pq.write_table(pa.table({"step": steps, "cos": [tag] * 200}), d / "similarity.parquet")
+        pq.write_table(pa.table({"step": steps * 4, "tensor": ["t"] * 800, "cos": [tag] * 800}),
+                       d / "similarity_tensors.parquet")
+        pq.write_table(pa.table({"step": steps, "loss": [tag] * 200}), d / "train_log.parquet")
+    return root / "cells.parquet", root / "runs"
+
+
+def _tags(out: Path) -> set[float]:
+    import pyarrow.parquet as pq
+
+    tags = set()
+    for name, column in (("similarity.parquet", "cos"), ("similarity_tensors.parquet", "cos"),
+                         ("train_log.parquet", "loss")):
+        tags |= set(pq.read_table(out / name).column(column).to_pylist())
+    return tags
+
+
+@pytest.mark.slow
+def test_two_aggregate_runs_at_once_leave_the_tables_of_one(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
+    inputs = [_fake_runs(tmp_path / f"in{k}", 120, float(k + 1)) for k in range(2)]
+    out = tmp_path / "tables"
+    for attempt in range(3):
+        procs = [subprocess.Popen([sys.executable, "-m", "retrace", "aggregate", "--cells", str(c), "--runs", str(r),
+                                   "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                 for c, r in inputs]
+        codes = [p.wait(timeout=120) for p in procs]
+        tags = _tags(out)
+        leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+        one = len(tags) == 1 and not leftovers
+        count("two aggregates at once", clear=codes == [0, 0], kept=one)
+        assert codes == [0, 0], [p.stderr.read() for p in procs]
+        assert one, (attempt, tags, leftovers)
+
+
+def _small_disk(tmp_path: Path, size: str) -> Path:
+    """A tmpfs of ``size`` (root only; the test skips elsewhere)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+    return mnt
+
+
+def _umount(mnt: Path) -> None:
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(mnt: Path, leave: int) -> Path:
+    """Fill ``mnt`` until about ``leave`` bytes are free; returns the filler file."""
+    filler = mnt / "filler"
+    free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_a_full_disk_while_writing_the_tables_keeps_the_previous_ones(tmp_path):
+    from retrace.errors import RetraceError
+    from retrace.report.aggregate import aggregate
+
+    mnt = _small_disk(tmp_path, "8m")
+    try:
+        cells, runs = _fake_runs(tmp_path / "in", 40, 1.0)
+        out = mnt / "tables"
+        aggregate(cells, runs, out, log=lambda _: None)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        cells2, runs2 = _fake_runs(tmp_path / "in2", 40, 2.0)
+        for leave in (2_000, 40_000, 120_000):  # full at the first, second or third table
+            filler = _fill(mnt, leave)
+            with pytest.raises(RetraceError) as err:
+                aggregate(cells2, runs2, out, log=lambda _: None)
+            after = {p.name: p.read_bytes() for p in out.iterdir()}
+            clear = "could not write the table" in str(err.value) and str(out) in str(err.value)
+            count("full disk: tables", clear=clear, kept=after == before)
+            assert clear, str(err.value)
+            assert after == before
+            filler.unlink()
+        aggregate(cells2, runs2, out, log=lambda _: None)  # space again: the new tables
+        assert _tags(out) == {2.0}
+    finally:
+        _umount(mnt)
