@@ -15,6 +15,7 @@ first, so that the per-step table (which marks the cell compared) never exists w
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +67,8 @@ def reference_source(reference: str, reference_dir: str | Path | None, step: int
 
 def check_inputs(checkpoint: Path, sha256: str | None, reference_file: str | Path | None) -> None:
     """Before a step is compared: the run's checkpoint still hashes to what its manifest recorded, and a
-    fetched reference file still matches its seal (``save_params(seal=True)``). A truncated or
+    fetched reference file still matches its seal (``save_params(seal=True)``). A manifest entry without a
+    sha256 (or with a placeholder) and an unsealed reference are used as they are. A truncated or
     bit-flipped file is an error naming it, never a distance.
 
     Raises:
@@ -75,9 +77,10 @@ def check_inputs(checkpoint: Path, sha256: str | None, reference_file: str | Pat
     from retrace.checkpoints.save import check_sealed
     from retrace.io import sha256_file
 
-    if sha256 is not None:
+    want = str(sha256 or "").removeprefix("sha256:").lower()
+    if re.fullmatch(r"[0-9a-f]{64}", want):  # anything else: no hash recorded
         got = sha256_file(checkpoint)
-        if got != sha256.removeprefix("sha256:"):
+        if got != want:
             raise RetraceError(f"{checkpoint}: does not hash to the sha256 its manifest recorded "
                                f"({sha256[:19]}…): the checkpoint was changed or damaged after training; "
                                "retrain the cell (delete its checkpoints/manifest.json)")
