@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,18 @@ def _run_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "checkpoints").glob("step*.safetensors"))}
 
 
+def _run_tensors(out: Path) -> dict[str, tuple[dict, bytes]]:
+    """Each checkpoint's tensor table and data bytes, without the metadata (which names the run's paths)."""
+    got = {}
+    for p in sorted((out / "checkpoints").glob("step*.safetensors")):
+        raw = p.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        header.pop("__metadata__", None)
+        got[p.name] = (header, raw[8 + n:])
+    return got
+
+
 @pytest.mark.slow
 def test_sigkill_mid_training_then_rerun_ends_identical(world):
     from test_train_helpers import argv
@@ -355,5 +368,48 @@ def test_a_full_disk_while_writing_the_tables_keeps_the_previous_ones(tmp_path):
             filler.unlink()
         aggregate(cells2, runs2, out, log=lambda _: None)  # space again: the new tables
         assert _tags(out) == {2.0}
+    finally:
+        _umount(mnt)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_a_checkpoint_or_state_then_a_rerun(world, tmp_path):
+    """Out of space at a checkpoint (before any state) or later, once resume states are saved: one error
+    naming the file, no manifest; with space again the rerun resumes from the newest complete state and
+    ends identical to an uninterrupted run."""
+    from retrace.train.state import complete_steps
+    from test_train_helpers import argv
+
+    steps = 8
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
+    ref = subprocess.run(argv(world, "d-ref", steps), capture_output=True, text=True, env=env)
+    assert ref.returncode == 0, ref.stderr
+    want = _run_tensors(world / "d-ref")
+    mnt = _small_disk(tmp_path, "4m")
+    try:
+        for k, leave in enumerate((100_000, 900_000)):  # at checkpoint step1; later, with states saved
+            run_root = mnt / f"r{k}"
+            run_root.mkdir()
+            for name in ("ref", "data"):
+                (run_root / name).symlink_to(world / name)
+            filler = _fill(mnt, leave)
+            failed = subprocess.run(argv(run_root, "out", steps), capture_output=True, text=True, env=env)
+            last = failed.stderr.strip().splitlines()[-1] if failed.stderr.strip() else ""
+            clear = failed.returncode != 0 and last.startswith("retrace train: error:") and str(run_root) in last \
+                and "Traceback" not in failed.stderr
+            no_manifest = not (run_root / "out" / "checkpoints" / "manifest.json").exists()
+            filler.unlink()
+            states = complete_steps(run_root / "out" / "state")  # a half-written one has no state.json
+            again = subprocess.run(argv(run_root, "out", steps), capture_output=True, text=True, env=env)
+            same = again.returncode == 0 and _run_tensors(run_root / "out") == want
+            count("full disk: train", clear=clear, kept=same)
+            assert failed.returncode != 0 and no_manifest
+            assert clear, f"leave {leave}: {failed.stderr[-3000:]}"
+            assert same, f"leave {leave} (states left {states}): {again.stderr[-2000:]}"
+            if k == 1:  # earlier states survived the failed save, and the rerun resumed from the newest
+                assert states, states
+                attempts = json.loads((run_root / "out" / "run.json").read_text())["attempts"]
+                assert attempts[-1]["resumed_from"] == states[-1], (states, attempts[-1])
+            shutil.rmtree(run_root)
     finally:
         _umount(mnt)
