@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from config_fuzz import mutate_many, outcome
+from test_report_pipeline import compared, study, tables  # noqa: F401 - the report tests' fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +127,7 @@ def _tiny_run(world, name: str, steps: int = 4, **over):
 
 
 @pytest.fixture(scope="module")
-def compared(world):
+def compared_run(world):
     """A finished tiny run (steps 0, 1, 2, 4), its reference fetched as fetch-reference does (sealed
     files), and the tables compare-run writes for it."""
     from retrace.checkpoints import open_params, save_params
@@ -157,18 +158,18 @@ def _damage(path: Path, how: str, rng: random.Random) -> bytes:
 @pytest.mark.parametrize("what", ["checkpoint", "reference"])
 @pytest.mark.parametrize("how", ["truncate", "bitflip"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_a_damaged_file_mid_study_is_named_before_it_is_compared(compared, tmp_path, what, how, seed):
+def test_a_damaged_file_mid_study_is_named_before_it_is_compared(compared_run, tmp_path, what, how, seed):
     from retrace.compare.run import write_compare_run
     from retrace.errors import RetraceError
 
     rng = random.Random(seed)
     step = rng.choice([1, 2])  # in the middle: steps before it compare fine
-    path = (compared["run"] / "checkpoints" if what == "checkpoint" else compared["refdir"]) / f"step{step}.safetensors"
+    path = (compared_run["run"] / "checkpoints" if what == "checkpoint" else compared_run["refdir"]) / f"step{step}.safetensors"
     good = _damage(path, how, rng)
     out = tmp_path / "sim.parquet"
     try:
         with pytest.raises(RetraceError) as err:
-            write_compare_run(compared["run"], "test/ref", out, tmp_path / "t.parquet", compared["refdir"],
+            write_compare_run(compared_run["run"], "test/ref", out, tmp_path / "t.parquet", compared_run["refdir"],
                               log=lambda _: None)
         named = str(path) in str(err.value)
         nothing_written = not out.exists() and not (tmp_path / "t.parquet").exists()
@@ -177,8 +178,8 @@ def test_a_damaged_file_mid_study_is_named_before_it_is_compared(compared, tmp_p
         assert nothing_written
     finally:
         path.write_bytes(good)
-    write_compare_run(compared["run"], "test/ref", out, tmp_path / "t.parquet", compared["refdir"], log=lambda _: None)
-    assert out.read_bytes() == compared["sim"]  # repaired: the same table as before
+    write_compare_run(compared_run["run"], "test/ref", out, tmp_path / "t.parquet", compared_run["refdir"], log=lambda _: None)
+    assert out.read_bytes() == compared_run["sim"]  # repaired: the same table as before
 
 
 # ------------------------------------------------------------------------- SIGKILL, then a rerun
@@ -242,10 +243,10 @@ def test_sigkill_mid_training_then_rerun_ends_identical(world):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_compare_then_rerun_ends_identical(compared, tmp_path):
+def test_sigkill_mid_compare_then_rerun_ends_identical(compared_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
-    cmd = [sys.executable, "-m", "retrace", "compare-run", "--run", str(compared["run"]), "--reference", "test/ref",
-           "--reference-dir", str(compared["refdir"]), "--out", str(tmp_path / "sim.parquet"), "--tensors-out",
+    cmd = [sys.executable, "-m", "retrace", "compare-run", "--run", str(compared_run["run"]), "--reference", "test/ref",
+           "--reference-dir", str(compared_run["refdir"]), "--out", str(tmp_path / "sim.parquet"), "--tensors-out",
            str(tmp_path / "t.parquet")]
     full = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert full.returncode == 0, full.stderr
@@ -263,7 +264,7 @@ def test_sigkill_mid_compare_then_rerun_ends_identical(compared, tmp_path):
         # either nothing, or both tables complete (the process may have finished): never a partial file
         partial = left - {"sim.parquet", "t.parquet"} or ("sim.parquet" in left and "t.parquet" not in left)
         again = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        same = again.returncode == 0 and (tmp_path / "sim.parquet").read_bytes() == compared["sim"]
+        same = again.returncode == 0 and (tmp_path / "sim.parquet").read_bytes() == compared_run["sim"]
         count("SIGKILL in compare", clear=again.returncode == 0, kept=same and not partial)
         assert first.startswith("compare-run:"), first
         assert not partial, left
@@ -411,5 +412,42 @@ def test_a_full_disk_while_writing_a_checkpoint_or_state_then_a_rerun(world, tmp
                 attempts = json.loads((run_root / "out" / "run.json").read_text())["attempts"]
                 assert attempts[-1]["resumed_from"] == states[-1], (states, attempts[-1])
             shutil.rmtree(run_root)
+    finally:
+        _umount(mnt)
+
+
+def test_a_full_disk_while_writing_the_report_keeps_the_previous_one(tables, tmp_path):  # noqa: F811
+    """The report is built in a temporary directory and swapped in whole: out of space half-way, the previous
+    report is still there, complete, and the error names the report."""
+    import pandas as pd
+
+    from retrace.errors import RetraceError
+    from retrace.report.build import build_report
+
+    small = tmp_path / "small"  # one model, one layout: a quick report
+    small.mkdir()
+    sim = pd.read_parquet(tables / "similarity.parquet")
+    sim[(sim["model"] == "control") & (sim["gas"] == 1)].to_parquet(small / "similarity.parquet")
+    mnt = _small_disk(tmp_path, "8m")
+    try:
+        out = mnt / "report"
+        build_report(small, out, log=lambda _: None)
+        before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        for leave in (4_000, 60_000):
+            filler = _fill(mnt, leave)
+            err = None
+            try:
+                build_report(small, out, log=lambda _: None)
+            except RetraceError as exc:
+                err = str(exc)
+            except OSError as exc:  # counted as unclear: not the package's own error
+                err = f"unclear: {type(exc).__name__}: {exc}"
+            after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+            leftovers = [p.name for p in mnt.iterdir() if p.name not in ("report", "filler")]
+            clear = err is not None and not err.startswith("unclear") and "report" in err
+            count("full disk: report", clear=clear, kept=after == before and not leftovers)
+            filler.unlink()
+            assert clear, err
+            assert after == before and not leftovers, leftovers
     finally:
         _umount(mnt)
