@@ -137,14 +137,19 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def _dir_lock(out: Path) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock on ``out``'s parent directory (``lock_directory``)."""
+    return lock_directory(out.parent)
+
+
 @contextlib.contextmanager
-def _dir_lock(out: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``out``'s parent directory: one replacement there at a time, and no lock
-    file left behind. Where directories cannot be locked (some network filesystems) it does nothing:
-    the exchange itself is still atomic."""
+def lock_directory(directory: str | os.PathLike) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory``: one writer there at a time, and no lock file left behind.
+    Where directories cannot be locked (some network filesystems) it does nothing: the renames themselves
+    are still atomic."""
     import fcntl  # POSIX; retrace runs on Linux and macOS
 
-    fd = os.open(out.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -8,7 +8,10 @@ parallel layout, its ``gpu_type`` and the study's ``cluster`` section:
 * GPU, at most ``cluster.gpus_per_node`` GPUs: one task asking ``gpu`` GPUs of ``gpu_model`` (and the
   node feature ``constraint``); ``retrace train`` starts one rank per GPU.
 * GPU, more: ``nodes`` × ``tasks_per_node`` srun tasks, one rank per GPU (``mpi = "srun"``), the GPUs
-  asked per node through ``slurm_extra``.
+  asked per node through ``slurm_extra``. With one GPU per node (``cluster.gpus_per_node: 1``) the job
+  asks for ``tasks`` = nodes instead, and ``--ntasks-per-node=1`` through ``slurm_extra``: the SLURM
+  plugin refuses an mpi job's ``tasks_per_node`` of 1 (snakemake-executor-plugin-slurm 2.8
+  submit_string.py, "'tasks_per_node' must be greater than 1") but takes ``tasks`` > 1.
 
 A cell trained by ``retrace train`` (``rank_tasks``) on two GPUs or more runs its ranks as srun tasks on
 one node too (under SLURM; elsewhere ``retrace train`` starts them itself), and asks SLURM for an early
@@ -52,6 +55,7 @@ class Placement:
     gpu_model: str | None = None
     constraint: str | None = None
     tasks_per_node: int | None = None
+    tasks: int | None = None  # the job's tasks in all: only where tasks_per_node would be 1 (module doc)
     mpi: str | None = None
     cpus_per_task: int | None = None  # None: the job's threads
     slurm_extra: str | None = None
@@ -65,7 +69,7 @@ class Placement:
         if self.mpi is None:
             return ""
         cpus = f" --cpus-per-task={self.cpus_per_task}" if self.cpus_per_task else ""
-        srun = f"srun --nodes={self.nodes} --ntasks-per-node={self.tasks_per_node}{cpus} --kill-on-bad-exit=1"
+        srun = f"srun --nodes={self.nodes} --ntasks-per-node={self.ranks_per_node}{cpus} --kill-on-bad-exit=1"
         return srun if self.nodes > 1 else "${SLURM_JOB_ID:+" + srun + "}"
 
     def resource(self, name: str, threads: int | None = None) -> Any:
@@ -139,13 +143,18 @@ def place(*, gpus: int, gpu_type: str, cluster: dict[str, Any], rank_tasks: bool
         raise RetraceError(f"a run of {gpus} GPUs does not fill whole nodes of cluster.gpus_per_node = "
                            f"{per_node}: srun gives every node the same number of ranks")
     gres = f"{model}:{ranks}" if model else str(ranks)
+    if ranks == 1:  # one GPU per node: tasks, not tasks_per_node (module doc)
+        return Placement(nodes=nodes, ranks_per_node=1, threads=tpr, constraint=constraint, tasks=nodes, mpi="srun",
+                         cpus_per_task=tpr,
+                         slurm_extra=_words(["--ntasks-per-node=1", f"--gpus-per-node={gres}", *signal]))
     return Placement(nodes=nodes, ranks_per_node=ranks, threads=ranks * tpr, constraint=constraint,
                      tasks_per_node=ranks, mpi="srun", cpus_per_task=tpr,
                      slurm_extra=_words([f"--gpus-per-node={gres}", *signal]))
 
 
 #: The train rule's Snakemake resources a placement may set (besides threads).
-RESOURCES = ("gpu", "gpu_model", "constraint", "nodes", "tasks_per_node", "mpi", "cpus_per_task", "slurm_extra")
+RESOURCES = ("gpu", "gpu_model", "constraint", "nodes", "tasks_per_node", "tasks", "mpi", "cpus_per_task",
+             "slurm_extra")
 
 
 def resources_used(placements: list[Placement]) -> list[str]:
@@ -177,3 +186,19 @@ def train_placement(*, cell: Any, cluster: dict[str, Any]) -> Placement:
         lead = stop_lead_s(n_params=n, dp=cell.parallel.gpus, zero1=zero1)
     return place(gpus=cell.parallel.gpus, gpu_type=cell.gpu_type, cluster=cluster, rank_tasks=rank_tasks,
                  stop_signal_s=lead)
+
+
+def gpu_limit_error(*, cell_id: str, placement: Placement, gpu_limit: int | None) -> str | None:
+    """Why a cell must not run under a ``--resources gpu=N`` limit, or None where it may.
+
+    Snakemake caps a job's resources at the global limits instead of holding the job back
+    (snakemake 9 rules.py ``expand_items(constraints=self.workflow.global_resources)``): a cell asking for
+    8 GPUs under ``gpu=4`` (or profiles/local's ``gpu=0``) would start with 4 (or none). The workflow
+    stops with this message naming the cell instead.
+    """
+    if gpu_limit is None or placement.gpu is None or placement.gpu <= gpu_limit:
+        return None
+    return (f"cell {cell_id} needs {placement.gpu} GPUs on one node, but this run allows {gpu_limit} "
+            f"(--resources gpu={gpu_limit}; profiles/local sets gpu=0): Snakemake would start it on fewer. "
+            "Raise the limit to this machine's GPU count if it has enough, run the study under "
+            "profiles/slurm, or leave this cell out (ask for other targets)")

@@ -6,6 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 sys.path.insert(
@@ -16,7 +17,7 @@ from retrace import forensics_target, jobs, launch, plan, rebuilt
 from retrace import paths as layout
 from retrace import rundir
 from retrace.grid import CELL_ID_PATTERN, TOKEN, load_study
-from retrace.placement import place, resources_used, train_placement
+from retrace.placement import gpu_limit_error, place, resources_used, train_placement
 from retrace.pythia.schedule import save_steps
 
 STUDY = load_study(config, root=workflow.basedir)
@@ -358,8 +359,17 @@ def train_job(wildcards):
 
 
 def placement(wildcards):
-    """retrace.placement.Placement: what the cell's train job asks for."""
-    return train_placement(cell=cell_of(wildcards), cluster=STUDY.cluster)
+    """retrace.placement.Placement: what the cell's train job asks for. Under a --resources gpu=N limit
+    a cell needing more stops the workflow, naming the cell (retrace.placement.gpu_limit_error).
+    """
+    cell = cell_of(wildcards)
+    where = train_placement(cell=cell, cluster=STUDY.cluster)
+    limit = workflow.global_resources.get("gpu").value
+    if workflow.is_main_process and limit is not None:
+        error = gpu_limit_error(cell_id=cell.id, placement=where, gpu_limit=int(limit))
+        if error:
+            raise WorkflowError(error)
+    return where
 
 
 def train_resources():

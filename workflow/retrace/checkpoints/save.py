@@ -8,6 +8,7 @@ safetensors layout (8-byte little-endian header length, JSON header, raw little-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,8 @@ for _code, _attr in (
     if hasattr(torch, _attr):
         SAFETENSORS_DTYPES[_code] = getattr(torch, _attr)
 _CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+#: Metadata key of a sealed file's data hash (``save_params(seal=True)``, ``check_sealed``).
+DATA_SHA256 = "retrace.data_sha256"
 
 
 def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -63,13 +66,20 @@ def save_params(
     path: str | os.PathLike,
     *,
     metadata: Mapping[str, str] | None = None,
+    seal: bool = False,
 ) -> Path:
     """Write ``params`` (canonical names; buffers dropped, ``lm_head.weight`` → ``embed_out.weight``)
     to ``path`` as safetensors, with ``metadata`` (plus ``format: pt``, which transformers requires). Written to a temporary file and renamed: on any error neither ``path``
     nor a temporary file is left behind.
+
+    ``seal``: also record the sha256 of the data section in the metadata (``DATA_SHA256``; the header
+    is written with a placeholder of the same length and rewritten once the data is hashed), so that a
+    later truncation or bit flip is found by ``check_sealed`` before the file is used.
     """
     path = Path(path)
     meta = _check_metadata(metadata)
+    if seal:
+        meta[DATA_SHA256] = "0" * 64
     if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for
         raise RetraceError("save_params: big-endian hosts are not supported")
     reader = params if isinstance(params, ParamReader) else _mapping_reader(params)
@@ -108,6 +118,7 @@ def save_params(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(8 + len(blob)) % 8)
 
+    digest = hashlib.sha256()
     try:
         with atomic_path(path, suffix=".safetensors") as tmp, open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(blob)))
@@ -123,13 +134,55 @@ def save_params(
                         f"save_params: {canon} is {t.dtype} {list(t.shape)}, announced {dtype} {list(shape)}"
                     )
                 if t.numel():
-                    fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                    data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                    digest.update(data)
+                    fh.write(data)
+            if seal:  # the same header, the placeholder replaced by the hash (same length)
+                header["__metadata__"] = {**meta, DATA_SHA256: digest.hexdigest()}
+                sealed = json.dumps(header, separators=(",", ":")).encode()
+                sealed += b" " * (len(blob) - len(sealed))
+                fh.seek(8)
+                fh.write(sealed)
             os.chmod(tmp, default_file_mode())
     except RetraceError:
         raise
     except Exception as exc:  # noqa: BLE001 - disk full, unreadable source tensor…
         raise RetraceError(f"{path}: could not write parameters: {type(exc).__name__}: {exc}") from exc
     return path
+
+
+def check_sealed(path: str | os.PathLike) -> bool:
+    """Check a file ``save_params(seal=True)`` wrote: its size is what its header announces and its data
+    hashes to the recorded ``DATA_SHA256``. Returns False for an unsealed file (nothing to check against).
+
+    Raises:
+        RetraceError: naming the file: truncated, extended, a bad header, or data that differs.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if n < 0 or 8 + n > size:
+                raise RetraceError(f"{path}: truncated or not a safetensors file ({size} bytes)")
+            header = json.loads(fh.read(n))
+            want = header.get("__metadata__", {}).get(DATA_SHA256)
+            if want is None:
+                return False
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if size != 8 + n + end:
+                raise RetraceError(f"{path}: {size} bytes, but its header announces {8 + n + end}: truncated or "
+                                   "extended since it was written")
+            digest = hashlib.sha256()
+            while chunk := fh.read(8 << 20):
+                digest.update(chunk)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RetraceError(f"{path}: unreadable safetensors header: {type(exc).__name__}: {exc}") from exc
+    if digest.hexdigest() != want:
+        raise RetraceError(f"{path}: its data does not hash to the sha256 recorded when it was written "
+                           f"({want[:12]}…): the file is corrupt (fetch it again)")
+    return True
 
 
 def _mapping_reader(params: Mapping[str, torch.Tensor]) -> ParamReader:

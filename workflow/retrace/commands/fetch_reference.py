@@ -60,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
                if snap is not None else "local source, not verified")
         print(f"fetch-reference: {n} tensors from {reader.source} ({how}); writing {args.out}",
               file=sys.stderr, flush=True)
-        save_params(reader, args.out, metadata=meta)
+        save_params(reader, args.out, metadata=meta, seal=True)  # compare-run checks the seal
     print(f"fetch-reference: {args.out} ({n} tensors, {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0

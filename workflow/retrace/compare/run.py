@@ -19,6 +19,7 @@ distance to weights that are not what their step says measures nothing. The repo
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,17 +38,22 @@ STEP_COLUMNS = ["step", *METRICS]
 
 def load_manifest(run: str | Path) -> list[tuple[int, Path]]:
     """(step, checkpoint path) for every checkpoint of a finished run, in step order."""
+    return [(step, ckpt) for step, ckpt, _ in load_manifest_hashes(run)]
+
+
+def load_manifest_hashes(run: str | Path) -> list[tuple[int, Path, str | None]]:
+    """(step, checkpoint path, its sha256 as the manifest records it, or None) for every checkpoint."""
     path = RunDir(run).manifest
     if not path.is_file():
         raise RetraceError(f"{path}: not found (the run has not finished training)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        entries = [(int(e["step"]), path.parent / str(e["file"])) for e in manifest["files"]]
+        entries = [(int(e["step"]), path.parent / str(e["file"]), e.get("sha256")) for e in manifest["files"]]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise RetraceError(f"{path}: not a checkpoint manifest (expected files: [{{step, file}}]): {exc}") from exc
     if not entries:
         raise RetraceError(f"{path}: lists no checkpoint")
-    missing = [str(p) for _, p in entries if not p.is_file()]
+    missing = [str(p) for _, p, _ in entries if not p.is_file()]
     if missing:
         raise RetraceError(f"{path}: listed checkpoint(s) missing: {', '.join(missing[:3])}")
     return sorted(entries)
@@ -63,6 +69,29 @@ def reference_source(reference: str, reference_dir: str | Path | None, step: int
     return str(path)
 
 
+def check_inputs(checkpoint: Path, sha256: str | None, reference_file: str | Path | None) -> None:
+    """Before a step is compared: the run's checkpoint still hashes to what its manifest recorded, and a
+    fetched reference file still matches its seal (``save_params(seal=True)``). A manifest entry without a
+    sha256 (or with a placeholder) and an unsealed reference are used as they are. A truncated or
+    bit-flipped file is an error naming it, never a distance.
+
+    Raises:
+        RetraceError: naming the file.
+    """
+    from retrace.checkpoints.save import check_sealed
+    from retrace.io import sha256_file
+
+    want = str(sha256 or "").removeprefix("sha256:").lower()
+    if re.fullmatch(r"[0-9a-f]{64}", want):  # anything else: no hash recorded
+        got = sha256_file(checkpoint)
+        if got != want:
+            raise RetraceError(f"{checkpoint}: does not hash to the sha256 its manifest recorded "
+                               f"({sha256[:19]}…): the checkpoint was changed or damaged after training; "
+                               "retrain the cell (delete its checkpoints/manifest.json)")
+    if reference_file is not None:
+        check_sealed(reference_file)
+
+
 def compare_run(
     run: str | Path,
     reference: str,
@@ -74,15 +103,16 @@ def compare_run(
     returns (per-step, per-tensor) frames."""
     from retrace.compare.similarity import compare_sources
 
-    entries = load_manifest(run)
+    entries = load_manifest_hashes(run)
     for step, why in sorted((skip or {}).items()):
-        if any(s == step for s, _ in entries):
+        if any(s == step for s, _, _ in entries):
             log(f"compare-run: step {step} left out: the published step is flagged: {why}")
-    entries = [(s, p) for s, p in entries if s not in (skip or {})]
-    sources = [(step, ckpt, reference_source(reference, reference_dir, step)) for step, ckpt in entries]
+    entries = [(s, p, sha) for s, p, sha in entries if s not in (skip or {})]
+    sources = [(step, ckpt, sha, reference_source(reference, reference_dir, step)) for step, ckpt, sha in entries]
     rows, tensor_frames = [], []
-    for i, (step, ckpt, ref) in enumerate(sources, 1):
+    for i, (step, ckpt, sha, ref) in enumerate(sources, 1):
         t0 = time.perf_counter()
+        check_inputs(ckpt, sha, ref if reference_dir is not None else None)
         result = compare_sources(str(ckpt), ref)  # two local safetensors files: the torch-free fast path
         rows.append({"step": step, **{m: getattr(result, m) for m in METRICS}})
         tf = result.tensor_frame().rename(columns={"name": "tensor"})

@@ -9,6 +9,7 @@ never sit in memory at once; each output is written to a temporary file and rena
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrace.errors import RetraceError
-from retrace.io import atomic_path
+from retrace.io import atomic_path, lock_directory
 
 #: (output table, per-cell file) pairs; every cell must have every file.
 TABLES = (
@@ -81,26 +82,32 @@ def _sources(cells: pa.Table, runs: Path, filename: str) -> list[Path]:
 
 
 def concat_runs(cells: pa.Table, runs: Path, filename: str, out: Path) -> int:
-    """Stream ``runs/<cell>/<filename>`` for every cell, with axes prepended, into ``out``. Returns rows."""
+    """Stream ``runs/<cell>/<filename>`` for every cell, with axes prepended, into ``out`` (atomically).
+    Returns rows."""
+    with atomic_path(out, suffix=".parquet") as tmp:
+        return _concat_into(cells, runs, filename, tmp)
+
+
+def _concat_into(cells: pa.Table, runs: Path, filename: str, tmp: Path) -> int:
+    """``concat_runs`` into ``tmp`` as it is (the caller renames it)."""
     sources = _sources(cells, runs, filename)
     rows = 0
-    with atomic_path(out, suffix=".parquet") as tmp:
-        writer = None
-        try:
-            for i, source in enumerate(sources):
-                try:
-                    table = pq.read_table(source)
-                except Exception as exc:
-                    raise RetraceError(f"{source}: cannot read as Parquet: {exc}") from exc
-                table = _with_axes(table, cells, i, source)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                table = _conform(table, writer.schema, source)
-                writer.write_table(table)
-                rows += table.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
+    writer = None
+    try:
+        for i, source in enumerate(sources):
+            try:
+                table = pq.read_table(source)
+            except Exception as exc:
+                raise RetraceError(f"{source}: cannot read as Parquet: {exc}") from exc
+            table = _with_axes(table, cells, i, source)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            table = _conform(table, writer.schema, source)
+            writer.write_table(table)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
     return rows
 
 
@@ -112,15 +119,20 @@ def aggregate(
     runs, out_dir = Path(runs), Path(out_dir)
     for _, filename in TABLES:  # every input present before anything is written
         _sources(cells, runs, filename)
+    # Every table is written to a temporary file first and the three are renamed into place together, under
+    # a lock on out_dir: a failure (a full disk) leaves the previous complete tables, and two aggregate
+    # runs at once leave the tables of one of them, never a mix.
+    out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    try:
+    with lock_directory(out_dir), contextlib.ExitStack() as renames:
         for name, filename in TABLES:
             path = out_dir / name
-            rows = concat_runs(cells, runs, filename, path)
+            try:
+                tmp = renames.enter_context(atomic_path(path, suffix=".parquet"))
+                rows = _concat_into(cells, runs, filename, tmp)
+            except OSError as exc:  # a full disk, a read-only directory: the previous tables stay
+                raise RetraceError(f"{path}: could not write the table ({exc.strerror or exc}); the previous "
+                                   "tables are unchanged") from exc
             written[name] = path
             log(f"aggregate: {path} ({cells.num_rows} cells, {rows} rows)")
-    except BaseException:
-        for path in written.values():  # no mix of new and stale tables
-            path.unlink(missing_ok=True)
-        raise
     return written

@@ -317,9 +317,12 @@ def build_report(
             encoding="utf-8",
         )
         replace_dir(tmp, out, check=_check_replaceable)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):  # a full disk, a read-only dir
+            raise RetraceError(f"{out}: could not write the report ({exc.strerror or exc}); the previous report "
+                               "is unchanged") from exc
         raise
     for v in vs:
         log(f"report: {v.model}: closest variant {v.winner or 'none'}")

@@ -46,12 +46,34 @@ def check_gpu_name(device_name: str, expected: Sequence[str] | None, *, where: s
                        "fix the study's cluster.gpu_models / gpu_constraints, or the cell's gpu_type")
 
 
-def select_device(want: str, *, local_rank: int, gpu_names: Sequence[str] | None = None) -> torch.device:
+def check_gpu_count(visible: int, ranks_here: int, *, one_per_task: bool, where: str = "") -> None:
+    """Raise unless every rank on this node gets a GPU of its own: ``visible`` GPUs for ``ranks_here``
+    ranks, where a task bound to one GPU (``one_per_task``: SLURM's ``--gpus-per-task=1`` and similar) sees
+    exactly one. Two ranks on one GPU would train a cell on fewer GPUs than it names.
+
+    Raises:
+        RetraceError: naming the counts and CUDA_VISIBLE_DEVICES.
+    """
+    import os
+
+    if visible >= ranks_here or (one_per_task and visible == 1):
+        return
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise RetraceError(f"{where}{ranks_here} ranks on this node but {visible} GPU(s) visible "
+                       f"(CUDA_VISIBLE_DEVICES={shown!r}): a cell never runs on fewer GPUs than it asks for; "
+                       "give the job as many GPUs as ranks (profiles/local: --resources gpu=N)")
+
+
+def select_device(want: str, *, local_rank: int, gpu_names: Sequence[str] | None = None, ranks_here: int = 1,
+                  one_per_task: bool = False) -> torch.device:
     """The torch device of a rank: ``cuda`` (the GPU ``local_rank`` mod the visible count, so that one GPU
     per task and all of a node's GPUs per task both work), ``cpu``, or ``auto`` (cuda if available).
 
+    ``ranks_here`` ranks share this node; ``one_per_task``: each was started as its own SLURM task (which
+    may be bound to one GPU). Fewer GPUs than ranks is an error (``check_gpu_count``).
+
     Raises:
-        RetraceError: ``cuda`` asked for and none usable (with CUDA's own reason), or the wrong GPU.
+        RetraceError: ``cuda`` asked for and none usable (with CUDA's own reason), too few, or the wrong GPU.
     """
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +86,7 @@ def select_device(want: str, *, local_rank: int, gpu_names: Sequence[str] | None
         except Exception as exc:  # noqa: BLE001 - CUDA's own message says why (driver, no device…)
             reason = f": {exc}"
         raise RetraceError(f"--device cuda but no GPU is usable{reason}; a GPU cell never falls back to the CPU")
+    check_gpu_count(torch.cuda.device_count(), ranks_here, one_per_task=one_per_task)
     idx = local_rank % torch.cuda.device_count()
     torch.cuda.set_device(idx)
     check_gpu_name(torch.cuda.get_device_name(idx), gpu_names, where=f"cuda:{idx}: ")

@@ -207,7 +207,8 @@ class Trainer:
     def _device(self) -> torch.device:
         from retrace.train.device import select_device
 
-        return select_device(self.cfg.device, local_rank=self.env.local_rank, gpu_names=self.cfg.gpu_names)
+        return select_device(self.cfg.device, local_rank=self.env.local_rank, gpu_names=self.cfg.gpu_names,
+                             ranks_here=self.env.local_world_size, one_per_task=self.env.source == "slurm")
 
     def _open_data(self):
         from retrace.data import open_training_data
