@@ -336,7 +336,10 @@ def train_inputs(wildcards):
         "start": launch.start_weights(cell),
         # a rebuilt corpus must reproduce the published stream first (study key order_check), and the
         # model's start step must pass the reference hygiene gate (models.<name>.accept overrides it)
-        "gate": [*rebuilt.gate_for(STUDY, cell.data), layout.start_gate(cell.model.name)],
+        "gate": [
+            *rebuilt.gate_for(STUDY, cell.data),
+            layout.start_gate(cell.model.name),
+        ],
         # re-anchored segments read every published checkpoint they reach (its fetched file)
         "reanchor": reference_steps_record(cell) if cell.reanchor else [],
     }
