@@ -10,6 +10,7 @@ saved weights are bitwise equal, and where `retrace diverge` says they part, the
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -194,3 +195,19 @@ def test_benchmark_smoke_runs():
                           env={**__import__("os").environ, "PYTHONPATH": str(root / "workflow")})
     assert done.returncode == 0, done.stderr
     assert "x the step" in done.stdout and "weight checksum (param_fp)" in done.stdout
+
+
+def test_replica_and_reanchored_cells_are_named_by_their_own_axis():
+    """In the embedded study the replica and the re-anchored baseline are not "baseline" rows: the
+    divergence table names the axis that sets them apart."""
+    from retrace.grid import load_study
+    from retrace.report.provenance import _factor, baseline_of
+
+    root = Path(__file__).resolve().parents[1]
+    study = load_study(root / "config.yaml", root=root)
+    factors = {c.id: _factor(c, baseline_of(study, c)) for c in study.cells()}
+    replicas = [c.id for c in study.cells() if c.replica]
+    anchored = [c.id for c in study.cells() if c.reanchor]
+    assert replicas and anchored
+    assert all(factors[i] == ("replica", "1") for i in replicas)
+    assert all(factors[i] == ("reanchor", "True") for i in anchored)

@@ -51,10 +51,13 @@ def baseline_of(study: Study, cell: Cell) -> Cell:
 
 
 def _factor(cell: Cell, base: Cell) -> tuple[str, str]:
-    changed = [a for a in _AXES if getattr(cell, a) != getattr(base, a)]
+    """The axes (replica and reanchor included) on which ``cell`` differs from its baseline, and its values."""
+    from retrace.grid import AXES
+
+    changed = [a for a in AXES if getattr(cell, a) != getattr(base, a)]
     if not changed:
         return "baseline", ""
-    value = ", ".join(str(cell.axes[a]) if a != "parallel" else cell.parallel.token for a in changed)
+    value = ", ".join(cell.parallel.token if a == "parallel" else str(getattr(cell, a)) for a in changed)
     return "+".join(changed), value
 
 
