@@ -48,6 +48,7 @@ include: "workflow/rules/train.smk"
 include: "rules/compare_other.smk"  # compare.smk without its per-cell compare rule
 include: "workflow/rules/report.smk"
 include: "workflow/rules/audit.smk"
+include: "workflow/rules/provenance.smk"
 
 
 def step_inputs(wildcards):

@@ -26,6 +26,7 @@ SMOKE = {
 ELSEWHERE = {
     "gpu_check.py": "tests/test_gpu_check.py (through gpu_check.sh --smoke)",
     "tokenize_throughput.py": "tests/test_tokenize.py::test_benchmark_smoke",
+    "fingerprints.py": "tests/test_provenance_fingerprints.py::test_benchmark_smoke_runs",
 }
 #: the slow ones (> ~10 s on a shared 2-core machine: several snakemake processes, transformers' import)
 SLOW = {"dag.py", "train_step.py"}

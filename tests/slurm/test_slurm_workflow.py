@@ -172,7 +172,9 @@ def test_study_on_slurm_with_a_failing_cell_and_a_rerun(slurm_cluster, tmp_path)
     assert submitted(log) == {"train": [f"cell={broken}"], "compare": [f"cell={broken}"]}, log[-3000:]
     ran = {rule: sorted(ws) for rule, ws in jobs_of(log).items()}
     assert ran["fetch_reference"] == ["repo=retrace-test/tiny-broken, step=0"]
-    assert set(ran) == {"fetch_reference", "reference_steps", "train", "compare", "aggregate", "report", "all"}
+    # cells_table: the a100 cell left the study; provenance_tables: the new cell's train log
+    assert set(ran) == {"fetch_reference", "reference_steps", "train", "compare", "cells_table", "aggregate",
+                        "provenance_tables", "report", "all"}
     assert (wd / "results/report/index.html").is_file() and (wd / "results/tables/similarity.parquet").is_file()
     assert set(cell_states(wd, study_path).values()) == {"done"}
 

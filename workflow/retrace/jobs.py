@@ -211,11 +211,11 @@ def check_start_gate(study: Study, model_name: str, findings_path: str, path: st
     is flagged; else record that it passed."""
     from retrace.audit.gate import check_start, read_findings
 
-    model = study.models[model_name]
+    model = study.used_model(model_name)  # a models key, or a segment <key>-from<N>
     findings = read_findings(findings_path)
     try:
         check_start(findings, model.start_step, accept=accepted_branches(study, model),
-                    override=f"models.{model.name}.accept")
+                    override=f"models.{model.segment_of or model.name}.accept")
     except RetraceError as exc:
         Path(log_path).write_text(f"{exc}\n")
         print(f"retrace: start_gate: {exc}", file=sys.stderr)  # shown beside Snakemake's "Error in rule"
