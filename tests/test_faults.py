@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from config_fuzz import mutate_many, outcome
+from interrupted_study import checkpoint_tensors
 from test_report_pipeline import compared, study, tables  # noqa: F401 - the report tests' fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,16 +203,6 @@ def _run_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "checkpoints").glob("step*.safetensors"))}
 
 
-def _run_tensors(out: Path) -> dict[str, tuple[dict, bytes]]:
-    """Each checkpoint's tensor table and data bytes, without the metadata (which names the run's paths)."""
-    got = {}
-    for p in sorted((out / "checkpoints").glob("step*.safetensors")):
-        raw = p.read_bytes()
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
-        header.pop("__metadata__", None)
-        got[p.name] = (header, raw[8 + n:])
-    return got
 
 
 @pytest.mark.slow
@@ -389,7 +380,7 @@ def test_a_full_disk_while_writing_a_checkpoint_or_state_then_a_rerun(world, tmp
     env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
     ref = subprocess.run(argv(world, "d-ref", steps), capture_output=True, text=True, env=env)
     assert ref.returncode == 0, ref.stderr
-    want = _run_tensors(world / "d-ref")
+    want = checkpoint_tensors(world / "d-ref")
     mnt = _small_disk(tmp_path, "4m")
     try:
         for k, leave in enumerate((100_000, 900_000)):  # at checkpoint step1; later, with states saved
@@ -406,7 +397,7 @@ def test_a_full_disk_while_writing_a_checkpoint_or_state_then_a_rerun(world, tmp
             filler.unlink()
             states = complete_steps(run_root / "out" / "state")  # a half-written one has no state.json
             again = subprocess.run(argv(run_root, "out", steps), capture_output=True, text=True, env=env)
-            same = again.returncode == 0 and _run_tensors(run_root / "out") == want
+            same = again.returncode == 0 and checkpoint_tensors(run_root / "out") == want
             count("full disk: train", clear=clear, kept=same)
             assert failed.returncode != 0 and no_manifest
             assert clear, f"leave {leave}: {failed.stderr[-3000:]}"
