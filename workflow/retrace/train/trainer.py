@@ -431,7 +431,8 @@ class Trainer:
         trace = None
         if cfg.extra.get("trace_items"):  # test hook: record the item ids each rank reads
             trace = open(self.out / f"items.rank{self.env.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        # Test hook only (kill-and-resume tests on fast machines): seconds to sleep after each step.
+        # Test hook only (kill-and-resume tests on fast machines): seconds to sleep after each step, and a
+        # progress line every step (so a test can kill the run at a step it chose).
         delay = float(os.environ.get("RETRACE_TEST_STEP_DELAY", "0") or 0)
         ranks = range(cfg.gpus) if cfg.simulate_ranks else [self.env.rank]
         prints = fingerprints.for_trainer(r.global_batch, self.env, cfg.simulate_ranks)
@@ -474,7 +475,7 @@ class Trainer:
             if saving or stop or step == cfg.steps:
                 self._save_state(engine, step, hashes, rows)
             now = time.perf_counter()
-            if cfg.progress and self.env.is_main and (now - last_print > 2.0 or step == cfg.steps or stop):
+            if cfg.progress and self.env.is_main and (now - last_print > 2.0 or step == cfg.steps or stop or delay):
                 last_print = now
                 self._progress(step, loss, res, tokens_per_step, (now - t_start) / (step - first_step))
             if stop:
