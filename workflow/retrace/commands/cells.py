@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from retrace.commands.study_args import add_study_arguments, study_from_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,8 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "trained, or trained and not yet compared). See retrace.cell_state."
         ),
     )
-    p.add_argument("--configfile", default="config.yaml", help="the study config (default: config.yaml)")
-    p.add_argument("--directory", "-d", default=".", help="the directory the workflow runs in (default: .)")
+    add_study_arguments(p)
     p.add_argument("--recent", type=float, default=None, metavar="SECONDS",
                    help="an incomplete cell whose files changed this recently counts as running, not "
                         "interrupted (default: 600)")
@@ -38,14 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from retrace.cell_state import RECENT_SECONDS, cell_state
-    from retrace.grid import load_study
     from retrace.launch import start_fetch_logs
 
     workdir = Path(args.directory)
-    config = Path(args.configfile)
-    if not config.is_absolute() and not config.exists() and (workdir / config).exists():
-        config = workdir / config
-    study = load_study(config, root=_workflow_root(config, workdir))
+    study = study_from_args(args)
     recent = RECENT_SECONDS if args.recent is None else args.recent
     counts: Counter[str] = Counter()
     divergence = {} if args.no_diverge else _divergence(study, workdir)
@@ -83,18 +80,3 @@ def _divergence(study, workdir) -> dict[str, str]:
         out[row.cell] = (f"diverges from the baseline at step {int(first)}" if not pd.isna(first)
                          else f"bit-identical to the baseline through step {int(row.last_step)}")
     return out
-
-
-def _workflow_root(config, workdir):
-    """The directory holding envs/: the working directory's, the config's (or its parent's, for
-    studies/*.yaml), else the checkout this package runs from (where the Snakefile is)."""
-    from pathlib import Path
-
-    import retrace
-
-    config = Path(config).resolve()
-    checkout = Path(retrace.__file__).resolve().parents[2]
-    for candidate in (Path(workdir), config.parent, config.parent.parent, checkout):
-        if (candidate / "envs").is_dir():
-            return candidate
-    return Path(workdir)

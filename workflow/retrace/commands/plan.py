@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from retrace.commands.study_args import add_study_arguments, study_from_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,8 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "peak at an assumed (or, with --throughput, measured) utilisation. Every figure's source is printed."
         ),
     )
-    p.add_argument("--configfile", default="config.yaml", help="the study config (default: config.yaml)")
-    p.add_argument("--directory", "-d", default=".", help="the directory the workflow runs in (default: .)")
+    add_study_arguments(p)
     p.add_argument("--throughput", metavar="JSON", help="measured MFU per GPU model (benchmarks/gpu_check.sh's "
                                                         "figures file) instead of the assumed one")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -26,17 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from retrace.commands.cells import _workflow_root
-    from retrace.grid import load_study
     from retrace.plan import read_mfu, render, study_plan
 
-    workdir = Path(args.directory)
-    config = Path(args.configfile)
-    if not config.is_absolute() and not config.exists() and (workdir / config).exists():
-        config = workdir / config
-    study = load_study(config, root=_workflow_root(config, workdir))
+    study = study_from_args(args)
     plan = study_plan(study, mfu=read_mfu(args.throughput) if args.throughput else None)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan), end="" if not args.json else "\n")
     return 0
