@@ -79,20 +79,8 @@ def test_no_predictable_temporary_is_followed(hub, tmp_path):
     assert victim.read_text() == "precious"
 
 
-def test_local_copy_is_hashed_once_and_checked_on_every_use(hub, tmp_path):
-    """``path:`` copies: an edit after first use (same size, structure intact, mtime set back) is refused."""
-    source, _ = hub
-    src = tmp_path / "src" / "document"
-    dest = tmp_path / "res"
-    _prepare(source, dest=dest, path=src)
-    bin_path = tmp_path / "src" / "document.bin"
-    st = os.stat(bin_path)
-    raw = bytearray(bin_path.read_bytes())
-    raw[100] ^= 0xFF
-    bin_path.write_bytes(bytes(raw))
-    os.utime(bin_path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    with pytest.raises(RetraceError, match="recorded when it was first used"):
-        _prepare(source, dest=dest, path=src)
+# An edit of a ``path:`` copy after its first use is refused: tests/test_data_variants.py::
+# test_local_copy_recorded_and_not_reread.
 
 
 def test_local_copy_published_hash_checked_without_asking(hub, tmp_path):
