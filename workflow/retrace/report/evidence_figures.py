@@ -45,13 +45,9 @@ def evidence_figure(model: str, closest: str, ev: E.Evidence, path: Path) -> Pat
         ax.plot(x, y, linestyle=style, marker=marker, label=label)
         xs.append(x)
         ys.append(y)
-    _logify(ax, xs, ys)
-    ax.set_xlabel("step")
-    ax.set_ylabel("1 − θ Cos")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.suptitle(f"{model}: where the evidence is (test: {ev.mode}, p = {ev.p_value if ev.p_value is not None else '–'})")
-    return _save(fig, path)
+    p = ev.p_value if ev.p_value is not None else "–"
+    return _finish(fig, ax, xs, ys, ylabel="1 − θ Cos",
+                   title=f"{model}: where the evidence is (test: {ev.mode}, p = {p})", path=path)
 
 
 @_plain_text
@@ -76,10 +72,16 @@ def anchored_figure(free: pd.DataFrame, anchored: pd.DataFrame, path: Path) -> P
             ax.fill_between(x, stats["min"], stats["max"], color=colour, alpha=0.12, linewidth=0)
             xs.append(x)
             ys.append(stats["median"].to_numpy())
+    return _finish(fig, ax, xs, ys, ylabel="1 − θ Cos (zeros, i.e. bit-identical, not drawn)",
+                   title=f"{model}: re-anchored segments vs free-running runs", path=path)
+
+
+def _finish(fig: Figure, ax, xs: list, ys: list, *, ylabel: str, title: str, path: Path) -> Path:
+    """The axes both figures share: log scales fitted to the drawn points, a step axis, grid and legend."""
     _logify(ax, xs, ys)
     ax.set_xlabel("step")
-    ax.set_ylabel("1 − θ Cos (zeros, i.e. bit-identical, not drawn)")
+    ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.suptitle(f"{model}: re-anchored segments vs free-running runs")
+    fig.suptitle(title)
     return _save(fig, path)
