@@ -6,6 +6,7 @@ controller address, ports, paths and nodes (conftest.py: one node; two_node.py: 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -49,31 +50,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_pid(pid: int, *, wait_s: float = 5) -> None:
-    """SIGTERM ``pid`` and wait for it to go; SIGKILL after ``wait_s``."""
-    try:
-        os.kill(pid, 15)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+def kill_pids(pids: list[int], *, wait_s: float = 5) -> None:
+    """SIGTERM every pid at once and wait for them to go; SIGKILL those left after ``wait_s``."""
+    def alive(pid: int) -> bool:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return False
+        return True
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 15)
+    deadline = time.monotonic() + wait_s
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        return
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
 
 
-def kill_pidfile(path: Path) -> None:
-    try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
-        return
-    kill_pid(pid)
+def kill_pid(pid: int, *, wait_s: float = 5) -> None:
+    kill_pids([pid], wait_s=wait_s)
+
+
+def kill_pidfile(*paths: Path) -> None:
+    """Stop the daemons whose pid files are ``paths`` (all at once; missing files are skipped)."""
+    pids = []
+    for path in paths:
+        try:
+            pids.append(int(path.read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    kill_pids(pids)
 
 
 def munge_works() -> bool:

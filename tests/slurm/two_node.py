@@ -17,12 +17,14 @@ clash (ports, node name). Here each node is a network namespace (``ip netns``) w
 * munged runs once, in the root namespace; its socket is a file, seen from every namespace.
 
 Its ClusterName, ports, state and paths differ from the single-node cluster of conftest.py, so both run
-in one pytest session. Teardown (also of leftovers from an earlier, killed run, before bring-up):
-scancel, the daemons, every process left in the namespaces, the namespaces and the bridge.
+in one pytest session. Teardown: scancel, the daemons, every process left in the namespaces, the
+namespaces and the bridge. A run killed before its teardown leaves them behind; the next bring-up removes
+them first (its slurmctld is known by ``ORPHAN_MARK`` in its environment, the rest by namespace).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from daemons import COMMON_CONF, ensure_munge, free_port, kill_pid, kill_pidfile
+from daemons import COMMON_CONF, ensure_munge, free_port, kill_pid, kill_pidfile, kill_pids
 
 NODES = ("rt-n1", "rt-n2")
 BRIDGE = "rt-br0"
@@ -42,6 +44,8 @@ SUBNET = "10.77.0"
 CONTROLLER_ADDR = f"{SUBNET}.254"
 #: CPUs each node claims (SlurmdParameters=config_overrides): room for two ranks and the batch step.
 NODE_CPUS = 4
+#: In the environment of this cluster's daemons: how a later run finds those of a killed one.
+ORPHAN_MARK = "RETRACE_TEST_CLUSTER=two-node"
 
 
 @dataclass
@@ -51,7 +55,8 @@ class TwoNodeCluster:
     logdir: Path
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "SLURM_CONF": str(self.conf)}
+        mark, value = ORPHAN_MARK.split("=")
+        return {**os.environ, "SLURM_CONF": str(self.conf), mark: value}
 
     def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), env=self.env(), check=check, timeout=timeout, capture_output=True, text=True)
@@ -96,13 +101,29 @@ def _netns_exists(name: str) -> bool:
     return name in _ip("netns", "list", check=False).stdout.split()
 
 
+def _kill_orphan_controllers() -> None:
+    """The slurmctld of an earlier run that was killed before its teardown (marked by ``ORPHAN_MARK``)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != "slurmctld":
+                continue
+            marked = ORPHAN_MARK.encode() in (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marked:
+            kill_pid(int(proc.name))
+
+
 def _teardown_network() -> None:
     """Every process left in the node namespaces, the namespaces and the bridge; idempotent."""
     for name in NODES:
         if _netns_exists(name):
-            for pid in _ip("netns", "pids", name, check=False).stdout.split():
-                kill_pid(int(pid), wait_s=2)
-            _ip("netns", "del", name, check=False)  # takes the veth pair with it
+            kill_pids([int(pid) for pid in _ip("netns", "pids", name, check=False).stdout.split()], wait_s=2)
+            _ip("netns", "del", name, check=False)  # takes the veth pair with it, once the namespace is gone
+        if _ip("link", "show", f"{name}h", check=False).returncode == 0:  # a namespace that outlived its processes
+            _ip("link", "del", f"{name}h", check=False)
     if _ip("link", "show", BRIDGE, check=False).returncode == 0:
         _ip("link", "del", BRIDGE, check=False)
 
@@ -177,7 +198,8 @@ def two_node_cluster(d: Path) -> Iterator[TwoNodeCluster]:
     conf = d / "slurm.conf"
     conf.write_text(_conf(d, free_port(), free_port()))
     cluster = TwoNodeCluster(conf=conf, nodes=NODES, logdir=d / "log")
-    _teardown_network()  # leftovers of an earlier run that was killed before its teardown
+    _kill_orphan_controllers()  # leftovers of an earlier run that was killed before its teardown
+    _teardown_network()
     started_munge = False
     try:
         _network()
@@ -185,7 +207,7 @@ def two_node_cluster(d: Path) -> Iterator[TwoNodeCluster]:
         started_munge = ensure_munge()
         subprocess.run(["slurmctld"], env=cluster.env(), check=True, timeout=30)
         for name in NODES:  # slurmd reads the node's /etc/slurm/slurm.conf and takes its NodeName from hostname
-            subprocess.run(on_node(name, etcs[name], "slurmd"), check=True, timeout=30)
+            subprocess.run(on_node(name, etcs[name], "slurmd"), env=cluster.env(), check=True, timeout=30)
         for _ in range(300):
             states = cluster.node_states()
             if len(states) == len(NODES) and set(states.values()) == {"idle"}:
@@ -195,9 +217,10 @@ def two_node_cluster(d: Path) -> Iterator[TwoNodeCluster]:
             raise RuntimeError(f"the two SLURM nodes never became idle ({cluster.node_states()}):\n{cluster.logs()}")
         yield cluster
     finally:
-        subprocess.run(["scancel", "--user=root"], env=cluster.env(), capture_output=True, timeout=10)
-        for name in NODES:
-            kill_pidfile(d / f"slurmd-{name}.pid")
+        if (d / "slurmctld.pid").exists():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                subprocess.run(["scancel", "--user=root"], env=cluster.env(), capture_output=True, timeout=10)
+        kill_pidfile(*(d / f"slurmd-{name}.pid" for name in NODES))
         kill_pidfile(d / "slurmctld.pid")
         _teardown_network()
         if started_munge:
