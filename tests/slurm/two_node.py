@@ -206,8 +206,9 @@ def two_node_cluster(d: Path) -> Iterator[TwoNodeCluster]:
         etcs = _node_etc(d, conf.read_text())
         started_munge = ensure_munge()
         subprocess.run(["slurmctld"], env=cluster.env(), check=True, timeout=30)
+        node_env = {k: v for k, v in cluster.env().items() if k != "SLURM_CONF"}
         for name in NODES:  # slurmd reads the node's /etc/slurm/slurm.conf and takes its NodeName from hostname
-            subprocess.run(on_node(name, etcs[name], "slurmd"), env=cluster.env(), check=True, timeout=30)
+            subprocess.run(on_node(name, etcs[name], "slurmd"), env=node_env, check=True, timeout=30)
         for _ in range(300):
             states = cluster.node_states()
             if len(states) == len(NODES) and set(states.values()) == {"idle"}:
