@@ -1,11 +1,11 @@
-"""The placement's known limits: GPU cells under a local GPU limit, and one GPU per node across nodes.
+"""The placement's known limits: GPU cells under a local GPU limit, one rank per node, CPU cells across nodes.
 
 * Snakemake caps a job's GPU request at ``--resources gpu=N`` instead of holding the job back: the workflow
   must stop with a message naming the cell, never start it on fewer GPUs (profiles/local sets gpu=0).
-* ``cluster.gpus_per_node: 1`` with a multi-node cell: the resources must be ones the real SLURM plugin
-  turns into an sbatch command (it refuses an mpi job's ``tasks_per_node`` of 1), asking for one task
-  and one GPU on each node.
-"""
+* ``cluster.gpus_per_node: 1`` (or ``cpu_ranks_per_node: 1``) with a multi-node cell: the resources must
+  be ones the real SLURM plugin turns into an sbatch command (it refuses an mpi job's ``tasks_per_node``
+  of 1), asking for one task (and one GPU) on each node.
+* A CPU cell of more ranks than ``cluster.cpu_ranks_per_node``: srun tasks on whole nodes, no GPU asked."""
 
 from __future__ import annotations
 
@@ -63,6 +63,44 @@ def test_multi_node_cells_give_valid_sbatch_resources(per_node, gpus):
     assert total is None or int(total.group(1)) == gpus, cmd
     assert f"--gpus-per-node=a100:{per_node}" in cmd and "--cpus-per-task=2" in cmd and "--signal=USR2@600" in cmd
     assert p.launcher == f"srun --nodes={nodes} --ntasks-per-node={per_node} --cpus-per-task=2 --kill-on-bad-exit=1"
+
+
+@pytest.mark.parametrize("per_node, ranks", [(1, 2), (2, 4), (4, 8)])
+def test_cpu_cells_across_nodes_give_valid_sbatch_resources(per_node, ranks):
+    p = place(gpus=ranks, gpu_type="cpu", cluster={**CLUSTER, "gpus_per_node": 8, "cpu_ranks_per_node": per_node},
+              rank_tasks=True, stop_signal_s=300)
+    nodes = ranks // per_node
+    cmd = sbatch_of(p, p.threads)
+    assert f"--nodes={nodes}" in cmd and "--cpus-per-task=2" in cmd and "--signal=USR2@300" in cmd, cmd
+    per_node_flag = re.search(r"--ntasks-per-node=(\d+)", cmd)
+    assert per_node_flag and int(per_node_flag.group(1)) == per_node, cmd
+    total = re.search(r"--ntasks=(\d+)", cmd)
+    assert total is None or int(total.group(1)) == ranks, cmd
+    assert "--gpus" not in cmd and "--gres" not in cmd, cmd
+    assert p.launcher == f"srun --nodes={nodes} --ntasks-per-node={per_node} --cpus-per-task=2 --kill-on-bad-exit=1"
+
+
+def test_cpu_cells_stay_on_one_node_up_to_cpu_ranks_per_node():
+    cluster = {**CLUSTER, "gpus_per_node": 1}
+    for per_node in (None, 4):  # unset: any number of ranks on one node
+        one = place(gpus=4, gpu_type="cpu", cluster={**cluster, "cpu_ranks_per_node": per_node}, rank_tasks=True,
+                    stop_signal_s=300)
+        assert (one.nodes, one.ranks_per_node, one.threads, one.mpi, one.launcher, one.slurm_extra) == (
+            1, 4, 8, None, "", None)
+        assert "--nodes=1 --ntasks=1 --cpus-per-task=8" in sbatch_of(one, one.threads)  # one task, every rank's CPUs
+
+
+def test_a_cpu_cell_that_does_not_fill_whole_nodes_is_a_config_error():
+    from retrace.errors import RetraceError
+    from retrace.grid import load_study
+
+    with pytest.raises(RetraceError, match=r"a run of 4 ranks does not fill whole nodes of "
+                                           r"cluster.cpu_ranks_per_node = 3"):
+        place(gpus=4, gpu_type="cpu", cluster={**CLUSTER, "gpus_per_node": 8, "cpu_ranks_per_node": 3})
+    cfg = synthetic_study("uneven", parallel=[{"gpus": 4, "pdbs": 256, "gas": 1}])
+    cfg["cluster"] = {"cpu_ranks_per_node": 3}
+    with pytest.raises(RetraceError, match=r"axes.parallel\[0\].*cluster.cpu_ranks_per_node = 3"):
+        load_study(cfg, root=ROOT)
 
 
 def _gpu_study(tmp_path):

@@ -6,6 +6,7 @@ Runs real 2-process gloo training (the trainer starts its own local ranks), plus
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,7 @@ def test_three_layouts_same_samples_close_weights(world):
         assert run["layout"] == {"gpus": gpus, "pdbs": pdbs, "gas": gas, "global_batch": B, "seq_length": SEQ}
         assert run["distributed"]["world_size"] == gpus
         assert run["distributed"]["backend"] == ("gloo" if gpus > 1 else None)
+        assert run["attempts"][-1]["rank_hosts"] == [socket.gethostname()] * gpus  # every rank's host
 
     from retrace.compare.similarity import compare_params
 

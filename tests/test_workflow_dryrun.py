@@ -90,7 +90,8 @@ def test_slurm_profile_resources_come_from_the_cell(tmp_path):
     cfg = hub_study(parallel=[{"gpus": 2, "pdbs": 32, "gas": 16}, {"gpus": 16, "pdbs": 32, "gas": 2}],
                     gpu_type=["a100", "cpu"])
     cfg["axes"]["data"] = ["deduped-raw"]
-    cfg["cluster"] = {"gpus_per_node": 8, "gpu_models": {"a100": "a100_80gb"}, "gpu_constraints": {"a100": "ib"}}
+    cfg["cluster"] = {"gpus_per_node": 8, "gpu_models": {"a100": "a100_80gb"}, "gpu_constraints": {"a100": "ib"},
+                      "cpu_ranks_per_node": 8}
     out = snakemake("-n", "--profile", str(ROOT / "profiles" / "slurm"), "--configfile",
                     str(write_study(tmp_path / "s.yaml", cfg)), workdir=tmp_path / "wd")
     assert out.returncode == 0, out.stderr
@@ -109,8 +110,12 @@ def test_slurm_profile_resources_come_from_the_cell(tmp_path):
     assert "gpu" not in two and two["nodes"] == "2" and two["tasks_per_node"] == "8" and two["mpi"] == "srun"
     assert re.fullmatch(r"--gpus-per-node=a100_80gb:8 --signal=USR2@\d+", two["slurm_extra"])
     assert two["cpus_per_task"] == "1"
-    # CPU cells ask for no GPU at all
+    # CPU cells ask for no GPU at all; one node up to cluster.cpu_ranks_per_node ranks, srun tasks across nodes
     assert not {"gpu", "gpu_model", "constraint", "mpi", "slurm_extra"} & set(cpu) and cpu["nodes"] == "1"
+    cpus = next(r for w, r in jobs.items() if "__g16p32a2__cpu" in w)
+    assert not {"gpu", "gpu_model", "constraint"} & set(cpus) and cpus["cpus_per_task"] == "1"
+    assert cpus["nodes"] == "2" and cpus["tasks_per_node"] == "8" and cpus["mpi"] == "srun"
+    assert re.fullmatch(r"--signal=USR2@\d+", cpus["slurm_extra"])
 
 
 def _complete_everything(workdir: Path, study: Path) -> None:

@@ -7,6 +7,7 @@ must find the configuration in its default place. Two fake GPUs of type a100 (GR
 jobs ask for ``--gpus=a100:N``. Facts behind the settings: shared/reference/slurm-local.md.
 
 Tests using ``slurm_cluster`` skip (with the reason) where slurmctld is not installed or we are not root.
+``slurm_two_nodes`` is a second, independent cluster of two nodes (two_node.py); both can be up at once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from daemons import COMMON_CONF, ensure_munge, free_port, kill_pidfile, skip_unless_slurm_can_run
+from two_node import TwoNodeCluster, skip_unless_namespaces_work, two_node_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_GPUS = 2
@@ -44,60 +47,13 @@ class SlurmCluster:
         return self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_pidfile(path: Path) -> None:
-    try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
-        return
-    try:
-        os.kill(pid, 15)
-    except ProcessLookupError:
-        return
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-
-
-def _munge_works() -> bool:
-    try:
-        cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=5)
-        return cred.returncode == 0 and subprocess.run(["unmunge"], input=cred.stdout, capture_output=True,
-                                                       timeout=5).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def _slurm_conf(d: Path, host: str, ctld_port: int, slurmd_port: int) -> str:
     return f"""\
 ClusterName=retrace-test
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-SchedulerType=sched/backfill
-SlurmdParameters=config_overrides
-ReturnToService=2
-MinJobAge=600
-MailProg=/bin/true
-StateSaveLocation={d}/state
+{COMMON_CONF}StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/slurmctld.pid
 SlurmdPidFile={d}/slurmd.pid
@@ -111,27 +67,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP DefMemPerCPU
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory) -> SlurmCluster:
-    if shutil.which("slurmctld") is None or shutil.which("slurmd") is None or shutil.which("munged") is None:
-        pytest.skip("slurm-wlm is not installed (apt-get install slurmctld slurmd slurm-client munge)")
-    if os.geteuid() != 0:
-        pytest.skip("a local slurmctld/slurmd needs root")
+    skip_unless_slurm_can_run()
     d = tmp_path_factory.mktemp("slurm")
     for sub in ("state", "spool", "log"):
         (d / sub).mkdir()
     host = socket.gethostname().split(".")[0]
 
-    started_munge = False
-    if not _munge_works():
-        Path("/run/munge").mkdir(parents=True, exist_ok=True)
-        shutil.chown("/run/munge", "munge", "munge")
-        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True, timeout=10)
-        started_munge = True
-        for _ in range(50):
-            if _munge_works():
-                break
-            time.sleep(0.1)
-        else:
-            pytest.skip("munged did not start (check /etc/munge/munge.key)")
+    started_munge = ensure_munge()
 
     for i, dev in enumerate(("/dev/null", "/dev/zero")[:FAKE_GPUS]):
         (d / f"fakegpu{i}").symlink_to(dev)
@@ -143,7 +85,7 @@ def slurm_cluster(tmp_path_factory) -> SlurmCluster:
             saved[name] = d / f"saved-{name}"
             shutil.copy2(etc / name, saved[name])
     conf = etc / "slurm.conf"
-    conf.write_text(_slurm_conf(d, host, _free_port(), _free_port()))
+    conf.write_text(_slurm_conf(d, host, free_port(), free_port()))
     (etc / "gres.conf").write_text(
         f"AutoDetect=off\nNodeName={host} Name=gpu Type=a100 File={d}/fakegpu[0-{FAKE_GPUS - 1}]\n")
     cluster = SlurmCluster(conf=conf, host=host, logdir=d / "log")
@@ -164,12 +106,22 @@ def slurm_cluster(tmp_path_factory) -> SlurmCluster:
         yield cluster
     finally:
         subprocess.run(["scancel", "--user=root"], env=env, capture_output=True, timeout=10)
-        _kill_pidfile(d / "slurmd.pid")
-        _kill_pidfile(d / "slurmctld.pid")
+        kill_pidfile(d / "slurmd.pid")
+        kill_pidfile(d / "slurmctld.pid")
         if started_munge:
-            _kill_pidfile(Path("/run/munge/munged.pid"))
+            kill_pidfile(Path("/run/munge/munged.pid"))
         for name in ("slurm.conf", "gres.conf"):
             if name in saved:
                 shutil.copy2(saved[name], etc / name)
             else:
                 (etc / name).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory) -> TwoNodeCluster:
+    """A real two-node cluster (tests/slurm/two_node.py): nodes rt-n1 and rt-n2, each in its own network
+    namespace; skips where slurm-wlm, root or namespaces are missing."""
+    skip_unless_slurm_can_run()
+    skip_unless_namespaces_work(tmp_path_factory.mktemp("netns-probe"))
+    with two_node_cluster(tmp_path_factory.mktemp("slurm-two")) as cluster:
+        yield cluster

@@ -139,14 +139,15 @@ def _neox_spec(study: Study, cell: Cell) -> NeoXRunConfig:
         raise RetraceError(
             f"cell {cell.id}: engine neox runs the published GPT-NeoX config, but models.{m.name} sets "
             f"{', '.join(changed)}; drop it (or run this model with engine builtin/deepspeed)")
-    multi_node = place(gpus=lay.gpus, gpu_type=cell.gpu_type, cluster=study.cluster).nodes > 1
+    where = place(gpus=lay.gpus, gpu_type=cell.gpu_type, cluster=study.cluster)
+    multi_node = where.nodes > 1
     return NeoXRunConfig(
         reference=m.reference, start_step=m.start_step, out=paths.run_dir(cell.id),
         data=paths.data_prefix(cell.data, study.synthetic["seed"]), data_kind=cell.data.format,
         gpus=lay.gpus, pdbs=lay.pdbs, gas=lay.gas, attention=cell.attention, precision=cell.precision,
         steps=cell.steps, seed=cell.seed, size=m.recipe, deduped="deduped" in m.reference.lower(),
         launcher="slurm" if multi_node else "local",
-        gpus_per_node=study.cluster["gpus_per_node"] if multi_node else None,
+        gpus_per_node=where.ranks_per_node if multi_node else None,
         neox_path=neox.get("path"), neox_container=neox.get("container"),
         neox_runtime=neox.get("runtime", "apptainer"), neox_conda_env=neox.get("conda_env"),
         neox_python=neox.get("python", "python"), neox_bind=list(neox.get("binds") or ()))

@@ -3,25 +3,29 @@
 One rule for every run the workflow starts (a cell's train job, a built reference's), from the run's
 parallel layout, its ``gpu_type`` and the study's ``cluster`` section:
 
-* CPU (``gpu_type: cpu``): one task on one node; ``retrace train`` starts every rank itself, each with
-  ``cluster.threads_per_rank`` threads, so the job needs ranks × threads_per_rank CPUs.
+* CPU (``gpu_type: cpu``), at most ``cluster.cpu_ranks_per_node`` ranks (unset: any number): one task on
+  one node; ``retrace train`` starts every rank itself, each with ``cluster.threads_per_rank`` threads, so
+  the job needs ranks × threads_per_rank CPUs.
+* CPU, more: ``nodes`` × ``tasks_per_node`` srun tasks, one rank each with ``threads_per_rank`` CPUs,
+  exactly as a multi-node GPU cell without the GPUs (gloo across the nodes).
 * GPU, at most ``cluster.gpus_per_node`` GPUs: one task asking ``gpu`` GPUs of ``gpu_model`` (and the
   node feature ``constraint``); ``retrace train`` starts one rank per GPU.
 * GPU, more: ``nodes`` × ``tasks_per_node`` srun tasks, one rank per GPU (``mpi = "srun"``), the GPUs
-  asked per node through ``slurm_extra``. With one GPU per node (``cluster.gpus_per_node: 1``) the job
-  asks for ``tasks`` = nodes instead, and ``--ntasks-per-node=1`` through ``slurm_extra``: the SLURM
+  asked per node through ``slurm_extra``. With one rank per node (``cluster.gpus_per_node: 1``, or
+  ``cluster.cpu_ranks_per_node: 1`` for a CPU cell) the job asks for ``tasks`` = nodes instead, and ``--ntasks-per-node=1`` through ``slurm_extra``: the SLURM
   plugin refuses an mpi job's ``tasks_per_node`` of 1 (snakemake-executor-plugin-slurm 2.8
   submit_string.py, "'tasks_per_node' must be greater than 1") but takes ``tasks`` > 1.
 
 A cell trained by ``retrace train`` (``rank_tasks``) on two GPUs or more runs its ranks as srun tasks on
-one node too (under SLURM; elsewhere ``retrace train`` starts them itself), and asks SLURM for an early
-``--signal=USR2@lead`` (``stop_signal_s``): the ranks then save and stop before the time limit. Why srun
+one node too (under SLURM; elsewhere ``retrace train`` starts them itself), and, like every such cell
+across nodes (GPU or CPU), asks SLURM for an early ``--signal=USR2@lead`` (``stop_signal_s``): the ranks then save and stop before the time limit. Why srun
 tasks: the SLURM jobstep plugin runs a job without the ``mpi`` resource as ``srun -n1 snakemake …``, so
 a step signal reaches that inner Snakemake too, which dies on SIGUSR2 (Python's default action), and
 SLURM then kills what is left of the step — the ranks in the middle of their save. With ``mpi`` the
 inner Snakemake runs in the batch step, which ``--signal`` without ``B:`` leaves alone, and only the
 ranks' own step is signalled. A one-GPU cell cannot be an mpi job (the SLURM plugin refuses one task), so
-it gets no signal and stops by the job's end time instead (``retrace train --stop-lead-s``).
+it gets no signal and stops by the job's end time instead (``retrace train --stop-lead-s``), as does a
+CPU cell on one node (one task: ``retrace train`` starts its ranks).
 
 Sizes for the waits around a save (``save_bytes``, ``save_timeout_s``, ``stop_lead_s``) assume the
 busiest rank writes ``SAVE_BYTES_PER_S`` (a busy shared filesystem); the trainer uses the same figures.
@@ -116,13 +120,20 @@ def place(*, gpus: int, gpu_type: str, cluster: dict[str, Any], rank_tasks: bool
     Args:
         gpus, gpu_type, cluster: the layout's ranks, the cell's GPU axis value, the study's ``cluster``.
         rank_tasks: the ranks are ``retrace train``'s (they handle SIGUSR2): on one node with two GPUs or
-            more they run as srun tasks too, and get ``stop_signal_s``.
+            more they run as srun tasks too, and srun-task placements (these, and any across nodes) get
+            ``stop_signal_s``.
         stop_signal_s: ask SLURM for SIGUSR2 this many seconds before the time limit (srun-task
             placements only; see the module doc).
     """
-    per_node, tpr = cluster["gpus_per_node"], cluster["threads_per_rank"]
+    tpr = cluster["threads_per_rank"]
+    signal = [f"--signal=USR2@{int(stop_signal_s)}"] if rank_tasks and stop_signal_s else []
     if gpu_type == "cpu":
-        return Placement(nodes=1, ranks_per_node=gpus, threads=gpus * tpr)
+        per_node = cluster.get("cpu_ranks_per_node") or gpus
+        if gpus <= per_node:
+            return Placement(nodes=1, ranks_per_node=gpus, threads=gpus * tpr)
+        return _across_nodes(gpus=gpus, per_node=per_node, key="cluster.cpu_ranks_per_node", tpr=tpr,
+                             constraint=None, gres=None, signal=signal)
+    per_node = cluster["gpus_per_node"]
     ranks = min(gpus, per_node)
     nodes = -(-gpus // per_node)
     model = cluster["gpu_models"].get(gpu_type, gpu_type) or None  # "": untyped GPUs
@@ -131,7 +142,6 @@ def place(*, gpus: int, gpu_type: str, cluster: dict[str, Any], rank_tasks: bool
         if value is not None and not re.fullmatch(SCHEDULER_WORD, value):
             raise RetraceError(f"config key {what}.{gpu_type}: {value!r} is not a scheduler word "
                                "(letters, digits and ._-:+&|,[]*)")
-    signal = [f"--signal=USR2@{int(stop_signal_s)}"] if rank_tasks and stop_signal_s else []
     if nodes == 1:
         if rank_tasks and gpus > 1:  # ranks as srun tasks (module doc)
             return Placement(nodes=1, ranks_per_node=ranks, threads=ranks * tpr, gpu=gpus, gpu_model=model,
@@ -139,17 +149,25 @@ def place(*, gpus: int, gpu_type: str, cluster: dict[str, Any], rank_tasks: bool
                              slurm_extra=_words(signal))
         return Placement(nodes=1, ranks_per_node=ranks, threads=ranks * tpr, gpu=gpus, gpu_model=model,
                          constraint=constraint)
+    return _across_nodes(gpus=gpus, per_node=per_node, key="cluster.gpus_per_node", tpr=tpr, constraint=constraint,
+                         gres=f"{model}:{ranks}" if model else str(ranks), signal=signal)
+
+
+def _across_nodes(*, gpus: int, per_node: int, key: str, tpr: int, constraint: str | None, gres: str | None,
+                  signal: list[str]) -> Placement:
+    """``gpus`` ranks as srun tasks, ``per_node`` on each node (``key`` names that setting), with ``gres``
+    GPUs per node (None: a CPU run)."""
     if gpus % per_node:
-        raise RetraceError(f"a run of {gpus} GPUs does not fill whole nodes of cluster.gpus_per_node = "
-                           f"{per_node}: srun gives every node the same number of ranks")
-    gres = f"{model}:{ranks}" if model else str(ranks)
-    if ranks == 1:  # one GPU per node: tasks, not tasks_per_node (module doc)
+        raise RetraceError(f"a run of {gpus} ranks does not fill whole nodes of {key} = {per_node}: srun "
+                           "gives every node the same number of ranks")
+    nodes = gpus // per_node
+    gpus_per_node = [f"--gpus-per-node={gres}"] if gres else []
+    if per_node == 1:  # one rank per node: tasks, not tasks_per_node (module doc)
         return Placement(nodes=nodes, ranks_per_node=1, threads=tpr, constraint=constraint, tasks=nodes, mpi="srun",
-                         cpus_per_task=tpr,
-                         slurm_extra=_words(["--ntasks-per-node=1", f"--gpus-per-node={gres}", *signal]))
-    return Placement(nodes=nodes, ranks_per_node=ranks, threads=ranks * tpr, constraint=constraint,
-                     tasks_per_node=ranks, mpi="srun", cpus_per_task=tpr,
-                     slurm_extra=_words([f"--gpus-per-node={gres}", *signal]))
+                         cpus_per_task=tpr, slurm_extra=_words(["--ntasks-per-node=1", *gpus_per_node, *signal]))
+    return Placement(nodes=nodes, ranks_per_node=per_node, threads=per_node * tpr, constraint=constraint,
+                     tasks_per_node=per_node, mpi="srun", cpus_per_task=tpr,
+                     slurm_extra=_words([*gpus_per_node, *signal]))
 
 
 #: The train rule's Snakemake resources a placement may set (besides threads).
@@ -173,17 +191,19 @@ def _words(words: list[str]) -> str | None:
 
 def train_placement(*, cell: Any, cluster: dict[str, Any]) -> Placement:
     """The placement of a cell's train job: ``place`` with, for the engines of ``retrace train``, ranks as
-    srun tasks and SIGUSR2 ``stop_lead_s`` before the limit (sized from the model's recipe size)."""
-    rank_tasks = cell.engine != "neox" and cell.gpu_type != "cpu"
-    lead = None
-    if rank_tasks:
-        from retrace.pythia.sizes import PYTHIA_SIZES
+    srun tasks and, where they are (a GPU cell of two GPUs or more, any cell across nodes), SIGUSR2
+    ``stop_lead_s`` before the limit (sized from the model's recipe size)."""
+    rank_tasks = cell.engine != "neox"
+    where = place(gpus=cell.parallel.gpus, gpu_type=cell.gpu_type, cluster=cluster, rank_tasks=rank_tasks)
+    if not (rank_tasks and where.mpi):
+        return where
+    from retrace.pythia.sizes import PYTHIA_SIZES
 
-        recipe = cell.model.recipe_values()
-        shape = PYTHIA_SIZES.get(cell.model.recipe)
-        n = shape.n_params if shape is not None else 0
-        zero1 = cell.engine == "deepspeed" or recipe.zero_stage >= 1
-        lead = stop_lead_s(n_params=n, dp=cell.parallel.gpus, zero1=zero1)
+    recipe = cell.model.recipe_values()
+    shape = PYTHIA_SIZES.get(cell.model.recipe)
+    n = shape.n_params if shape is not None else 0
+    zero1 = cell.engine == "deepspeed" or recipe.zero_stage >= 1
+    lead = stop_lead_s(n_params=n, dp=cell.parallel.gpus, zero1=zero1)
     return place(gpus=cell.parallel.gpus, gpu_type=cell.gpu_type, cluster=cluster, rank_tasks=rank_tasks,
                  stop_signal_s=lead)
 

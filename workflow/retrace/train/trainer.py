@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -425,7 +426,7 @@ class Trainer:
                 hashes[str(step)] = self._save_checkpoint(engine, step, ckpt_dir)
         self._save_barrier(f"the start checkpoint (step {step})")
         attempts.append({"started": timestamp(), "resumed_from": step if resume is not None else None,
-                         "environment": self._environment()})
+                         "environment": self._environment(), "rank_hosts": self._rank_hosts()})
         self._write_run_json(attempts, finished=False)
 
         trace = None
@@ -495,6 +496,16 @@ class Trainer:
         self._save_barrier("the manifest")
         return TrainResult(out=self.out, final_step=cfg.steps, saved_steps=list(self.save_steps), manifest=manifest,
                            log=self.rundir.train_log, final_loss=final_loss)
+
+    def _rank_hosts(self) -> list[str]:
+        """Each rank's host, by rank: where an attempt ran (the environment record is the main rank's)."""
+        me = socket.gethostname()
+        if self.env.world_size == 1 or self.save_group is None:
+            return [me]
+        hosts: list[Any] = [None] * self.env.world_size
+        self._in_save_group(lambda: torch.distributed.all_gather_object(hosts, me, group=self.save_group),
+                            "reporting their hosts")
+        return hosts
 
     def _environment(self) -> dict:
         """run.json's environment record, with the SDPA backend the cell's attention dispatches to."""
