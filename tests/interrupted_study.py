@@ -29,16 +29,18 @@ def retrace(*args: str, cwd: Path) -> None:
     assert out.returncode == 0, out.stderr
 
 
-def publish(tmp: Path, hub: Path) -> None:
+def publish(tmp: Path, hub: Path, *, steps: int = STEPS, repos: tuple[str, ...] = (REPO,)) -> None:
+    """Really train the tiny run to ``steps`` (1 rank, pdbs 8) and publish it under each of ``repos``."""
     retrace("synth", "--out", "data", "--seed", "1", "--tokens", "20000", "--vocab", "128", "--seq-length", "32",
             cwd=tmp)
     retrace("reference", "init", *(f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()), "--out", "init",
             cwd=tmp)
     retrace("train", "--reference", "init", "--data", "data/standard/preshuffled/document", "--data-kind",
             "preshuffled", "--gpus", "1", "--pdbs", "8", "--gas", "1", "--global-batch", "8", "--seq-length", "32",
-            "--recipe", "70m", "--train-iters", "100", "--steps", str(STEPS), "--no-progress", "--out", "run", cwd=tmp)
-    retrace("reference", "publish", "--run", "run", "--config", "init/config.json", "--hub-cache", str(hub),
-            "--repo", REPO, cwd=tmp)
+            "--recipe", "70m", "--train-iters", "100", "--steps", str(steps), "--no-progress", "--out", "run", cwd=tmp)
+    for repo in repos:
+        retrace("reference", "publish", "--run", "run", "--config", "init/config.json", "--hub-cache", str(hub),
+                "--repo", repo, cwd=tmp)
 
 
 def study(hub: Path, parallel: dict | None = None) -> dict:

@@ -13,7 +13,6 @@ Then a dry run after adding a value to an axis schedules only the new cells.
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
 import subprocess
@@ -26,32 +25,16 @@ import yaml
 
 from retrace.grid import load_study
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
 ROOT = Path(__file__).resolve().parents[2]
-SHAPE = {"n_layers": 2, "hidden": 32, "heads": 4, "vocab": 128, "seq_len": 32}
-SYNTH = {"seed": 1234, "tokens": 20000, "vocab": 128, "seq_length": 32}
+sys.path.insert(0, str(ROOT / "tests"))
+from interrupted_study import SYNTH, publish, retrace  # noqa: E402
 
-
-def retrace(*args: str, cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
-    out = subprocess.run([sys.executable, "-m", "retrace", *args], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def publish_reference(tmp: Path, hub: Path) -> dict[str, Path]:
     """A really trained tiny run (steps 0-4), published as two repos; tiny-broken's step 0 is corrupt."""
-    retrace("synth", "--out", "data", "--seed", "1", "--tokens", "20000", "--vocab", "128", "--seq-length", "32",
-            cwd=tmp)
-    retrace("reference", "init", *(f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()), "--out", "init",
-            cwd=tmp)
-    retrace("train", "--reference", "init", "--data", "data/standard/preshuffled/document", "--data-kind",
-            "preshuffled", "--gpus", "1", "--pdbs", "8", "--gas", "1", "--global-batch", "8", "--seq-length", "32",
-            "--recipe", "70m", "--train-iters", "100", "--steps", "4", "--no-progress", "--out", "run", cwd=tmp)
-    for repo in ("retrace-test/tiny", "retrace-test/tiny-broken"):
-        retrace("reference", "publish", "--run", "run", "--config", "init/config.json", "--hub-cache", str(hub),
-                "--repo", repo, cwd=tmp)
+    publish(tmp, hub, steps=4, repos=("retrace-test/tiny", "retrace-test/tiny-broken"))
     from retrace.checkpoints.hubcache import publish_to_hub_cache
 
     # re-point branch step0 of tiny-broken at a snapshot whose weights are not a safetensors file
