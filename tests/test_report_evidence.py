@@ -145,9 +145,11 @@ def test_anchored_cells_get_their_own_verdict_and_figure(tmp_path):
     tables = tmp_path / "tables"
     tables.mkdir()
     pd.concat([free, anchored]).to_parquet(tables / "similarity.parquet")
-    out = build_report(tables, tmp_path / "report", log=lambda _: None)
+    other = table({2: {"A": SIX_A, "B": SIX_B}}, model="n").assign(reanchor=False)  # no anchored cells
+    pd.concat([free, anchored, other]).to_parquet(tables / "similarity.parquet")
+    out = build_report(tables, tmp_path / "report", documented={"m": "A", "n": "A"}, log=lambda _: None)
     js = json.loads((out / "verdict.json").read_text())
-    (m,) = js["models"]
+    m, _n = js["models"]
     assert m["per_step"][-1]["pairs"] == 6 and m["floor"] == pytest.approx(6e-6)  # free cells only
     (a,) = js["anchored_models"]
     # anchored A is bit-identical: floor 0, distance 0 -> reproduced
