@@ -417,3 +417,28 @@ def test_replica_and_reanchor_axes_add_cells_and_rename_none():
     assert all(CELL_ID_RE.match(i) for i in ids)
     anchored = next(c for c in cells if c.reanchor and not c.replica)
     assert not next(c for c in cells if c.id == anchored.id.removesuffix("__anchored")).reanchor
+
+
+def test_model_axes_limit_a_models_replica_and_reanchor_cells():
+    """models.<name>.axes leaves a model's other replica/reanchor cells out; the other model keeps all;
+    no remaining id changes; values off the axis or leaving out the baseline value are refused."""
+    cfg = base_config()
+    cfg["design"] = "one_at_a_time"
+    cfg["cross"] = ["model", "data"]
+    cfg["axes"] = {**cfg["axes"], "model": ["pythia-70m-deduped", "pythia-70m"], "replica": [0, 1],
+                   "reanchor": [False, True]}
+    full = {c.id for c in load(cfg).cells()}
+    cfg["models"]["pythia-70m"]["axes"] = {"replica": [0], "reanchor": [False]}
+    cells = load(cfg).cells()
+    by_model = {m: [c for c in cells if c.model.name == m] for m in ("pythia-70m", "pythia-70m-deduped")}
+    # per model x data: baseline, the other layout, replica 1, anchored (one axis at a time)
+    assert len(by_model["pythia-70m-deduped"]) == 2 * 4
+    assert len(by_model["pythia-70m"]) == 2 * 2
+    assert not any(c.replica or c.reanchor for c in by_model["pythia-70m"])
+    assert {c.id for c in cells} <= full
+    cfg["models"]["pythia-70m"]["axes"] = {"reanchor": [True]}
+    assert "models.pythia-70m.axes.reanchor: leaves out the baseline value False" in error_of(cfg)
+    cfg["models"]["pythia-70m"]["axes"] = {"replica": [0, 2]}
+    assert "models.pythia-70m.axes.replica[1]: 2 is not one of the values of axes.replica" in error_of(cfg)
+    cfg["models"]["pythia-70m"]["axes"] = {"seed": [1234]}
+    assert "unknown key models.pythia-70m.axes.seed" in error_of(cfg)

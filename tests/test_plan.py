@@ -54,7 +54,7 @@ def test_the_embedded_study_costs_nothing_to_download_and_runs_on_cpu():
     assert plan.download_bytes == 0 and plan.gpu_hours == 0
     assert all(c.memory_per_gpu is None and c.cpu_core_hours > 0 for c in plan.cells)
     text = render(plan, max_cells=3)
-    assert text.startswith("# plan of study embedded-tiny: 32 cells") and "… and 29 more cells" in text
+    assert text.startswith("# plan of study embedded-tiny: 54 cells") and "… and 51 more cells" in text
 
 
 def test_cli_prints_the_plan_and_its_json(tmp_path):

@@ -85,6 +85,20 @@ def test_closest_far_above_the_floor_is_not_reproduced():
     assert verdict_json([v])["models"][0]["reproduced"] is False
 
 
+def test_a_label_naming_a_closest_variant_that_does_not_reproduce_is_not_confirmed():
+    """The planted null: trained on a variant that is not a candidate. The label names the nearer
+    candidate (agrees), but that candidate is far above its floor, so the text must not read as a
+    confirmation; with the closest reproduced the agreement stands as it is."""
+    far_a = [1.000e-3, 1.001e-3, 1.002e-3, 1.003e-3, 1.004e-3, 1.005e-3]
+    null = model_verdict(table({2: {"A": far_a, "B": SIX_B}, 4: {"A": far_a, "B": SIX_B}}), documented="A")
+    js = verdict_json([null])["models"][0]
+    assert (js["closest"], js["agrees"], js["reproduced"]) == ("A", True, False)
+    text = verdict_text([null])
+    assert "AGREES with the closest variant A, which does not reproduce the reference: the label is not confirmed" in text
+    honest = model_verdict(table({2: {"A": SIX_A, "B": SIX_B}}), documented="A")
+    assert "AGREES with the closest variant A\n" in verdict_text([honest])
+
+
 def test_a_step_won_by_the_rival_gives_no_support():
     # step 2: B closer in 6/6; step 4 (final): A closer in 6/6. Closest = A (final step); Holm over
     # two steps gives 0.0625 at each, and only step 4 supports A.
@@ -131,9 +145,11 @@ def test_anchored_cells_get_their_own_verdict_and_figure(tmp_path):
     tables = tmp_path / "tables"
     tables.mkdir()
     pd.concat([free, anchored]).to_parquet(tables / "similarity.parquet")
-    out = build_report(tables, tmp_path / "report", log=lambda _: None)
+    other = table({2: {"A": SIX_A, "B": SIX_B}}, model="n").assign(reanchor=False)  # no anchored cells
+    pd.concat([free, anchored, other]).to_parquet(tables / "similarity.parquet")
+    out = build_report(tables, tmp_path / "report", documented={"m": "A", "n": "A"}, log=lambda _: None)
     js = json.loads((out / "verdict.json").read_text())
-    (m,) = js["models"]
+    m, _n = js["models"]
     assert m["per_step"][-1]["pairs"] == 6 and m["floor"] == pytest.approx(6e-6)  # free cells only
     (a,) = js["anchored_models"]
     # anchored A is bit-identical: floor 0, distance 0 -> reproduced

@@ -278,10 +278,11 @@ def test_embedded_study_audit_reads_its_hub_cache_offline(tmp_path):
     out = snakemake("-n", "-p", "audit", workdir=tmp_path)
     assert out.returncode == 0, out.stderr
     counts = job_counts(out.stdout)
-    assert counts["audit"] == 1 and counts["reference_publish"] == 2  # audited once published
+    assert counts["audit"] == 1 and counts["reference_publish"] == 4  # audited once published
     (audit,) = jobs_of(out.stdout, "audit")
-    assert ("retrace audit retrace-tiny/pythia-tiny-deduped retrace-tiny/pythia-tiny-control --offline "
-            "--cache-dir resources/hub --max-step 64") in audit["shell"]
+    assert ("retrace audit retrace-tiny/pythia-tiny-deduped retrace-tiny/pythia-tiny-control "
+            "retrace-tiny/pythia-tiny-null retrace-tiny/pythia-tiny-wide --offline "
+            "--cache-dir resources/hub --max-step 32") in audit["shell"]
 
 
 def tiny_cache_study(cache: Path, **extra) -> dict:

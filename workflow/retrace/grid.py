@@ -35,8 +35,9 @@ Designs
 default the first value of each axis) plus, for each axis, one cell per other value with every other
 axis at its baseline; the axes listed in ``cross`` are crossed in full and the design is repeated
 within each of their combinations (e.g. ``cross: [model, data]`` gives every model on every variant).
-In both designs a model with ``models.<name>.data`` is only paired with those data variants: the other
-cells are left out (ids of the remaining cells are unchanged).
+In both designs a model with ``models.<name>.data`` is only paired with those data variants, and one with
+``models.<name>.axes`` (e.g. ``{replica: [0], reanchor: [false]}``) only takes those values of the
+replica and reanchor axes: the other cells are left out (ids of the remaining cells are unchanged).
 
 Segments
 --------
@@ -132,6 +133,8 @@ class Model:
     hub_cache: str | None = None
     build: Build | None = None
     data: tuple[str, ...] | None = None  # the data variants it is reproduced on (None: every one)
+    #: (axis, values) its cells are limited to on the replica/reanchor axes (models.<name>.axes); () = all
+    axis_values: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     accept: tuple[str, ...] = ()  # flagged branches used anyway (retrace.audit.gate)
     settings: tuple[tuple[str, Any], ...] = ()
     segment_of: str | None = None  # models.<segment_of>.segments made this model (named <segment_of>-from<N>)
@@ -149,6 +152,12 @@ class Model:
     def reproduced_on(self, variant: str) -> bool:
         """Whether cells pair this model with data variant ``variant`` (``models.<name>.data``)."""
         return self.data is None or variant in self.data
+
+    def takes(self, cell: Cell) -> bool:
+        """Whether ``cell`` (of this model) is in its design: its data variant and its values on the axes
+        ``models.<name>.axes`` limits."""
+        return self.reproduced_on(cell.data.name) and all(
+            getattr(cell, axis) in values for axis, values in self.axis_values)
 
     @property
     def token(self) -> str:
@@ -511,6 +520,7 @@ def _build(config: dict[str, Any], where: str, root: Path) -> Study:
         baseline[axis] = value
 
     _check_model_data(axes, baseline, design, cross, fail)
+    _check_model_axes(axes, baseline, fail)
     neox = dict(config["neox"]) if "neox" in config else None
     if "neox" in axes["engine"]:
         if neox is None:
@@ -539,6 +549,19 @@ def _check_model_data(axes: dict[str, list], baseline: dict[str, Any], design: s
         if design == "one_at_a_time" and "data" not in cross and not m.reproduced_on(baseline["data"].name):
             raise fail(f"models.{m.name}.data", f"leaves out the baseline data variant {baseline['data'].name!r}: "
                                                 "add it, or cross the data axis (cross: [..., data])")
+
+
+def _check_model_axes(axes: dict[str, list], baseline: dict[str, Any], fail) -> None:
+    """``models.<name>.axes`` names values of the axis, and keeps the baseline value (the model's baseline
+    cell, which every one-at-a-time cell of it is compared with, and the factorial design's first cell)."""
+    for m in axes["model"]:
+        for axis, values in m.axis_values:
+            key = f"models.{m.segment_of or m.name}.axes.{axis}"
+            for i, v in enumerate(values):
+                if v not in axes[axis]:
+                    raise fail(f"{key}[{i}]", f"{v!r} is not one of the values of axes.{axis} ({axes[axis]})")
+            if baseline[axis] not in values:
+                raise fail(key, f"leaves out the baseline value {baseline[axis]!r} of axes.{axis}")
 
 
 #: Model keys the grid reads itself; every other key that names a TrainConfig field is passed through.
@@ -589,6 +612,7 @@ def _model(name: str, spec: Mapping[str, Any], data: dict[str, DataVariant], fai
                  global_batch=int(global_batch), documented=spec.get("documented"),
                  hub_cache=spec.get("hub_cache"), build=build,
                  data=tuple(spec["data"]) if "data" in spec else None,
+                 axis_values=tuple((axis, tuple(v)) for axis, v in spec.get("axes", {}).items()),
                  accept=tuple(spec.get("accept", ())), settings=settings)
 
 
@@ -694,7 +718,7 @@ def _expand(study: Study) -> list[Cell]:
                         cells.append(Cell(**{**base, axis: value}))
     # a segment trains to its own end (models.<name>.segments), whatever the steps axis says
     cells = [dataclasses.replace(c, steps=c.model.end_step) if c.model.end_step is not None else c for c in cells]
-    cells = [c for c in cells if c.model.reproduced_on(c.data.name)]  # models.<name>.data
+    cells = [c for c in cells if c.model.takes(c)]  # models.<name>.data and models.<name>.axes
     return list({c.id: c for c in cells}.values())
 
 

@@ -235,7 +235,11 @@ def build_report(
     train_log_path = tables / "train_log.parquet"
     train_log = read_parquet(train_log_path, (), "aggregated train log") if train_log_path.exists() else None
     vs = verdicts(sim, steps, documented, primary_step)
-    anchored_vs = verdicts(anchored, steps, documented, primary_step) if anchored is not None else []
+    anchored_vs = []
+    if anchored is not None:  # only some models may have re-anchored cells (models.<name>.axes)
+        with_anchored = set(anchored["model"].astype(str))
+        labels = {m: d for m, d in (documented or {}).items() if m in with_anchored}
+        anchored_vs = verdicts(anchored, steps, labels, primary_step)
     cross_path = tables / CROSS.TABLE_NAME
     cross = read_parquet(cross_path, CROSS.COLUMNS, "cross-generation table") if cross_path.exists() else None
     refs = references_table(references) if references is not None else None

@@ -283,7 +283,11 @@ def verdict_lines(v: ModelVerdict) -> list[str]:
             out.append(f"  Documented variant: {v.documented} (no closest variant to check it against)")
         else:
             word = "AGREES with" if v.label_agrees else "DISAGREES with"
-            out.append(f"  Documented variant: {v.documented}: {word} the closest variant {v.winner}")
+            line = f"  Documented variant: {v.documented}: {word} the closest variant {v.winner}"
+            if v.label_agrees and v.evidence is not None and v.evidence.reproduced is False:
+                # closest is not reproduced: the label names the nearest candidate, not the data it was trained on
+                line += ", which does not reproduce the reference: the label is not confirmed"
+            out.append(line)
     out.extend(f"  Note: {n}" for n in v.notes)
     return out
 
