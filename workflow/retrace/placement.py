@@ -175,13 +175,30 @@ RESOURCES = ("gpu", "gpu_model", "constraint", "nodes", "tasks_per_node", "tasks
              "slurm_extra")
 
 
-def resources_used(placements: list[Placement]) -> list[str]:
-    """The ``RESOURCES`` some placement sets: the train rule declares only these, so a CPU study's jobs
-    carry no resource functions at all (Snakemake inspects each one per job: at 5,000 cells that is
-    seconds of DAG time)."""
-    if any(p.mpi for p in placements):
-        return list(RESOURCES)  # cpus_per_task falls back to the job's threads where it is None
-    return [name for name in RESOURCES if any(getattr(p, name) is not None for p in placements)]
+#: ``shared_resources``' value of a resource that differs between placements (a function of the cell).
+VARIES = object()
+
+
+def shared_resources(placements: list[Placement]) -> dict[str, Any]:
+    """The ``RESOURCES`` some placement sets, each with its value where every placement asks the same, else
+    ``VARIES``. The train rule declares only these, as constants where they are shared: Snakemake inspects
+    and calls a resource function per job (at 5,000 cells that is seconds of DAG time), so a CPU study's
+    jobs carry no resource functions at all. ``cpus_per_task`` is declared wherever some placement is an
+    mpi job; it varies where some placement leaves it to the job's threads (``Placement.resource``).
+    """
+    shared: dict[str, Any] = {}
+    for name in RESOURCES:
+        if name == "cpus_per_task":
+            if not any(p.mpi for p in placements):
+                continue
+            values = {p.cpus_per_task for p in placements}
+            shared[name] = values.pop() if len(values) == 1 and None not in values else VARIES
+            continue
+        values = {getattr(p, name) for p in placements}
+        if values == {None}:
+            continue  # asked for by no placement: Snakemake would drop it in every job
+        shared[name] = values.pop() if len(values) == 1 else VARIES
+    return shared
 
 
 def _words(words: list[str]) -> str | None:

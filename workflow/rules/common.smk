@@ -17,10 +17,22 @@ from retrace import forensics_target, jobs, launch, plan, rebuilt
 from retrace import paths as layout
 from retrace import rundir
 from retrace.grid import CELL_ID_PATTERN, TOKEN, load_study
-from retrace.placement import gpu_limit_error, place, resources_used, train_placement
+from retrace.placement import (
+    VARIES,
+    gpu_limit_error,
+    place,
+    shared_resources,
+    train_placement,
+)
 from retrace.pythia.schedule import save_steps
+from retrace.signatures import remember_signatures, rule_functions
 
 STUDY = load_study(config, root=workflow.basedir)
+#: Each cell's train placement (retrace.placement), computed once: its job's threads, resources and
+#: launcher read it (at 5,000 cells a placement per job and resource was seconds of DAG time).
+PLACEMENTS = {
+    c.id: train_placement(cell=c, cluster=STUDY.cluster) for c in STUDY.cells()
+}
 
 # The rules call `retrace` (workflow/bin/retrace), which runs this checkout's package under the job's Python,
 # the activated environment's under --sdm conda, else the interpreter Snakemake itself runs in. It is
@@ -361,30 +373,50 @@ def train_job(wildcards):
     }
 
 
+def gpu_limit_stop(cell_id, where):
+    """Why the cell must not start under this run's --resources gpu=N limit, or None: Snakemake would
+    start it on fewer GPUs (retrace.placement.gpu_limit_error)."""
+    limit = workflow.global_resources.get("gpu").value
+    if not workflow.is_main_process or limit is None:
+        return None
+    return gpu_limit_error(cell_id=cell_id, placement=where, gpu_limit=int(limit))
+
+
 def placement(wildcards):
     """retrace.placement.Placement: what the cell's train job asks for. Under a --resources gpu=N limit
-    a cell needing more stops the workflow, naming the cell (retrace.placement.gpu_limit_error).
+    a cell needing more stops the workflow, naming the cell, when its job is scheduled.
     """
-    cell = cell_of(wildcards)
-    where = train_placement(cell=cell, cluster=STUDY.cluster)
-    limit = workflow.global_resources.get("gpu").value
-    if workflow.is_main_process and limit is not None:
-        error = gpu_limit_error(cell_id=cell.id, placement=where, gpu_limit=int(limit))
-        if error:
-            raise WorkflowError(error)
+    where = PLACEMENTS[cell_of(wildcards).id]
+    error = gpu_limit_stop(wildcards.cell, where)
+    if error:
+        raise WorkflowError(error)
     return where
 
 
+def train_threads():
+    """The train rule's threads: one number where every cell's placement has the same, else a function
+    of the cell. A function also where some cell needs more GPUs than this run allows: it is what stops
+    the workflow at that cell's job (placement), and only if the job is scheduled."""
+    threads = {p.threads for p in PLACEMENTS.values()}
+    if len(threads) == 1 and not any(
+        gpu_limit_stop(i, p) for i, p in PLACEMENTS.items()
+    ):
+        return threads.pop()
+    return cell_threads
+
+
+def cell_threads(wildcards):
+    return placement(wildcards).threads
+
+
 def train_resources():
-    """The train rule's resources: a function per resource some cell's placement sets."""
-    placements = {
-        (c.parallel.gpus, c.gpu_type, c.engine, c.model.name): train_placement(
-            cell=c, cluster=STUDY.cluster
-        )
-        for c in STUDY.cells()
-    }
+    """The train rule's resources: those some cell's placement sets, each one value where every cell
+    asks the same (retrace.placement.shared_resources), else a function of the cell's placement.
+    """
+    shared = shared_resources(list(PLACEMENTS.values()))
     return {
-        name: train_resource(name) for name in resources_used(list(placements.values()))
+        name: train_resource(name) if value is VARIES else value
+        for name, value in shared.items()
     }
 
 
@@ -394,11 +426,8 @@ def train_resource(name):
     def value(wildcards, threads=None, attempt=1):
         return placement(wildcards).resource(name, threads)
 
+    remember_signatures(functions=[value])
     return value
-
-
-def train_threads(wildcards):
-    return placement(wildcards).threads
 
 
 def train_env(wildcards):
@@ -478,3 +507,10 @@ def audit_repos_arg(wildcards):
 
 def audit_options(wildcards):
     return shlex.join(jobs.audit_options(STUDY))
+
+
+# Last: Snakemake inspects a function's signature at every call (seconds at 5,000 cells); each function
+# above keeps its own, computed once (retrace.signatures).
+remember_signatures(
+    functions=rule_functions(namespace=globals(), directory=workflow.current_basedir)
+)

@@ -16,9 +16,10 @@ rule train:
         layout.log("train", "{cell}"),
     conda:
         train_env
-    threads: train_threads
+    threads: train_threads()
     resources:
-        # only those some cell's placement sets (retrace.placement.resources_used)
+        # only those some cell's placement sets, as constants where all cells share them
+        # (retrace.placement.shared_resources)
         **train_resources(),
     params:
         # the cell's command: its spec (JSON), retrace subcommand, launcher and hub settings

@@ -8,6 +8,7 @@ re-exports everything here. Facts are from GPT-NeoX v1.0 and the Pythia ymls (re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -159,8 +160,9 @@ class ModelConfig:
         shapes["embed_out.weight"] = (v, h)
         return shapes
 
-    @property
+    @functools.cached_property
     def n_params(self) -> int:
+        """All parameters (computed once per config: a 5,000-cell study's placements ask for it per cell)."""
         return sum(math.prod(shape) for shape in self.param_shapes().values())
 
     def replace(self, **changes: Any) -> ModelConfig:
