@@ -25,7 +25,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"retrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    infos = sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name)
+    # one module per command; a module whose name starts with "_" is a helper the commands share
+    infos = sorted((m for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")), key=lambda m: m.name)
     if only is not None:
         infos = [m for m in infos if m.name == only.replace("-", "_")] or infos
     for info in infos:

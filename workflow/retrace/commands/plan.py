@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from retrace.commands.study_args import add_study_arguments, study_from_args
+from retrace.commands._study_args import add_study_arguments, study_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
