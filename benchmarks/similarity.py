@@ -18,6 +18,10 @@ cache (one untimed read first):
   cat          ``cat A B > /dev/null`` in a subprocess: the floor of any command reading both files.
   CLI          ``retrace compare A B --quiet`` in a subprocess, end to end (interpreter start-up, imports,
                the comparison).
+  verified     one step of the workflow's compare-run: A checked against its sha256 (as a manifest
+               records it), B against its seal (as fetch-reference writes it), and the comparison.
+               "one after another" runs the three passes in turn; retrace (``compare_checked``) hashes
+               on two threads while it compares.
 
 Prints seconds, GB/s of checkpoint bytes, and the ratios naive/retrace, retrace/read and CLI/cat.
 
@@ -46,8 +50,11 @@ import torch
 
 from retrace.checkpoints import save_params
 from retrace.checkpoints.safetensors_np import NumpySafetensorsReader
+from retrace.checkpoints.save import check_sealed
 from retrace.compare.kernel import kernel_name
+from retrace.compare.run import check_checkpoint, compare_checked
 from retrace.compare.similarity import compare_sources, default_workers
+from retrace.io import sha256_file
 from retrace.pythia.sizes import ModelConfig, pythia_config
 
 
@@ -85,7 +92,7 @@ def write_pair(directory: Path, n_params: int, seed: int = 0) -> tuple[Path, Pat
         del t
     pa, pb = directory / "a.safetensors", directory / "b.safetensors"
     save_params(a, pa)
-    save_params(b, pb)
+    save_params(b, pb, seal=True)  # B as fetch-reference writes a published step
     return pa, pb, sum(math.prod(s) for s in shapes.values())
 
 
@@ -208,6 +215,15 @@ def main() -> None:
         t_cli, _ = best_of(lambda: run_command(cli), args.repeat)
         t_naive, (cos_n, omc_n, l2_n) = (best_of(lambda: naive(pa, pb), args.naive_repeat) if args.naive_repeat
                                          else (math.nan, (math.nan, math.nan, math.nan)))
+        sha_a = sha256_file(pa)
+
+        def one_after_another():
+            check_checkpoint(pa, sha_a)
+            check_sealed(pb)
+            return compare_sources(str(pa), str(pb))
+
+        t_seq, _ = best_of(one_after_another, args.repeat)
+        t_ver, res_ver = best_of(lambda: compare_checked(pa, sha_a, str(pb), pb), args.repeat)
         if args.cold:
             c_mmap = min(cold(lambda: read_mmap(paths), paths)() for _ in range(args.repeat))
             c_ret = min(cold(lambda: compare_sources(str(pa), str(pb)), paths)() for _ in range(args.repeat))
@@ -224,6 +240,9 @@ def main() -> None:
     print(f"retrace / read (raw)    {t_ret / t_raw:6.2f}x   (for reference)")
     print(f"retrace / cat (CLI)     {t_cli / t_cat:6.2f}x   (goal <= 3; `retrace compare A B --quiet` "
           f"against `cat A B`, both end to end)")
+    print(f"verified step: one after another {t_seq:.3f}s, retrace {t_ver:.3f}s, "
+          f"one after another / retrace {t_seq / t_ver:.2f}x (the checks overlap the comparison)")
+    assert (res_ver.one_minus_cos, res_ver.l2) == (res.one_minus_cos, res.l2), "verified compare differs"
     if args.cold:
         print()
         print(f"cold page cache: read (mmap) {c_mmap:.3f}s ({gb / c_mmap:.2f} GB/s), retrace {c_ret:.3f}s, "

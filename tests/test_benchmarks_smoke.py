@@ -20,7 +20,7 @@ BENCHMARKS = ROOT / "benchmarks"
 SMOKE = {
     "dag.py": ["one compare per (cell, step), -n -q", "ratio workflow / bare:"],
     "data_order.py": ["loop rows == vectorised rows: True", "save (np.save"],
-    "similarity.py": ["retrace / read (mmap)", "retrace / cat (CLI)", "naive:   1 - cos"],
+    "similarity.py": ["retrace / read (mmap)", "retrace / cat (CLI)", "verified step:", "naive:   1 - cos"],
     "train_step.py": ["ratio retrace / transformers"],
 }
 ELSEWHERE = {
