@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +119,26 @@ def test_deterministic_mode_leaves_a_users_nccl_choice(monkeypatch):
     finally:
         restore()
     assert os.environ["NCCL_ALGO"] == "Tree" and "NCCL_PROTO" not in os.environ
+
+
+def test_deterministic_mode_is_torchs_own_setting_without_importing_inductor():
+    """apply() sets what torch.use_deterministic_algorithms sets, but loads no TorchInductor/dynamo (1.4 s of
+    CPU per rank process); where inductor is loaded, its deterministic flag follows too."""
+    code = """
+import sys, torch
+from retrace.train import determinism
+restore = determinism.apply(deterministic=True)
+assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+assert "torch._dynamo" not in sys.modules and "torch._inductor.config" not in sys.modules, "inductor imported"
+restore()
+assert not torch.are_deterministic_algorithms_enabled()
+import torch._inductor.config as inductor
+determinism.set_algorithms(True, warn_only=True)
+assert inductor.deterministic is True and torch.is_deterministic_algorithms_warn_only_enabled()
+determinism.set_algorithms(False)
+assert inductor.deterministic is False and not torch.are_deterministic_algorithms_enabled()
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "workflow")})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -280,7 +280,12 @@ class GPTNeoXModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
-        self.embed_in = nn.Embedding(cfg.vocab, cfg.hidden, device=device, dtype=dtype)
+        # nn.Embedding's own init (normal_) on the meta device imports torch._dynamo (1.4 s of CPU in every
+        # rank process): the weight is made here, and initialised as nn.Embedding would where it has memory
+        weight = torch.empty(cfg.vocab, cfg.hidden, device=device, dtype=dtype)
+        self.embed_in = nn.Embedding(cfg.vocab, cfg.hidden, _weight=weight)
+        if weight.device.type != "meta":
+            nn.init.normal_(self.embed_in.weight)
         self.layers = nn.ModuleList(Layer(cfg, device=device, dtype=dtype) for _ in range(cfg.n_layers))
         self.final_layer_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps, device=device, dtype=dtype)
 
@@ -290,7 +295,7 @@ class GPTNeoX(nn.Module):
 
     ``checkpoint_activations=True`` recomputes each layer in backward (as Pythia ≥70m trained with
     ``checkpoint-num-layers 1``); it only acts in training mode with gradients enabled.
-    ``device="meta"`` builds without memory (then ``to_empty`` and load or ``init_weights``).
+    ``device="meta"`` builds without memory (then ``empty_on`` and load or ``init_weights``).
     Weights after construction are PyTorch's defaults, not Pythia's: call ``init_weights`` or load.
     """
 
@@ -386,6 +391,22 @@ def init_plan(cfg: ModelConfig) -> dict[str, tuple[str, float]]:
 def _tensor_seed(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"retrace-init:{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def empty_on(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model.to_empty(device=device)`` for a model built on the meta device: each parameter and buffer
+    becomes an uninitialised tensor of its shape and dtype on ``device``. ``to_empty`` makes them with
+    ``empty_like`` of a meta tensor, a Python reference op whose first call imports torch._dynamo (1.4 s of
+    CPU in every rank process); ``torch.empty`` of a shape does not."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                                        requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+    return model
 
 
 @torch.no_grad()

@@ -19,17 +19,36 @@ version picks other GEMM kernels (other summation orders), and another node coun
 changes NCCL's ring. ``deterministic=False`` leaves every library default (faster, not reproducible).
 The settings are recorded in run.json (retrace.train.environment). ``apply`` returns a function that
 restores the previous settings (tests and notebooks run several trainings in one process).
+
+``torch.use_deterministic_algorithms`` itself also sets TorchInductor's ``deterministic`` flag, and
+importing that config imports torch._dynamo: 1.4 s of CPU per process (up to 7 s of wall with 8 ranks
+sharing 2 cores), paid by every rank of every cell although retrace compiles nothing. ``set_algorithms``
+makes the same call into ATen and sets the inductor flag only where inductor is already loaded.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 import torch
 
 #: Environment variables deterministic mode sets when they are unset (a user's own value is kept).
 DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NCCL_ALGO": "Ring", "NCCL_PROTO": "Simple"}
+
+
+def set_algorithms(mode: bool, *, warn_only: bool = False) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=…)`` without importing TorchInductor: the same
+    ATen setting, and inductor's flag set only if something loaded inductor (then it is cheap)."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # another torch: the public call, whatever it costs
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+        return
+    setter(mode, warn_only=warn_only)
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None:
+        inductor.deterministic = mode
 
 
 def apply(*, deterministic: bool) -> Callable[[], None]:
@@ -45,7 +64,7 @@ def apply(*, deterministic: bool) -> Callable[[], None]:
     }
 
     def restore() -> None:
-        torch.use_deterministic_algorithms(saved["algorithms"], warn_only=saved["warn_only"])
+        set_algorithms(saved["algorithms"], warn_only=saved["warn_only"])
         torch.backends.cudnn.deterministic = saved["cudnn_deterministic"]
         torch.backends.cudnn.benchmark = saved["cudnn_benchmark"]
         torch.backends.cuda.matmul.allow_tf32 = saved["matmul_tf32"]
@@ -59,7 +78,7 @@ def apply(*, deterministic: bool) -> Callable[[], None]:
     if deterministic:
         for k, v in DETERMINISTIC_ENV.items():
             os.environ.setdefault(k, v)
-        torch.use_deterministic_algorithms(True)
+        set_algorithms(True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -302,7 +302,7 @@ class Trainer:
     def _build_model(self, load: bool):
         """The network in the compute dtype on the device; with ``load``, the start weights streamed in
         tensor by tensor (never a second full copy in memory)."""
-        from retrace.model import GPTNeoX, config_from_hf
+        from retrace.model import GPTNeoX, config_from_hf, empty_on
         from retrace.train.engine import DTYPES
 
         mc = config_from_hf(self.hf_config, gelu=self.cfg.gelu, attention=self.cfg.attention,
@@ -312,7 +312,7 @@ class Trainer:
         self.model_config = mc
         dtype = DTYPES[self.recipe.precision]
         model = GPTNeoX(mc, checkpoint_activations=self.cfg.checkpoint_activations, device="meta", dtype=dtype)
-        model.to_empty(device=self.device)
+        empty_on(model, self.device)
         if not load:  # every value comes from the resume state
             return model
         with self._open_start_params() as reader, torch.no_grad():
@@ -426,7 +426,10 @@ class Trainer:
                 hashes[str(step)] = self._save_checkpoint(engine, step, ckpt_dir)
         self._save_barrier(f"the start checkpoint (step {step})")
         attempts.append({"started": timestamp(), "resumed_from": step if resume is not None else None,
-                         "environment": self._environment(), "rank_hosts": self._rank_hosts()})
+                         # run.json is the main rank's: the others skip the SDPA probe (it costs each rank
+                         # the import of torch._dynamo, 1.4 s of CPU)
+                         "environment": self._environment() if self.env.is_main else {},
+                         "rank_hosts": self._rank_hosts()})
         self._write_run_json(attempts, finished=False)
 
         trace = None
