@@ -101,7 +101,7 @@ def test_run_json_records_what_changes_gpu_numerics(world, monkeypatch):
     assert {"driver", "nccl", "gpu", "cuda_driver_api", "gpus"} <= set(env)  # None/empty on this CPU machine
     # the SDPA kernel the cell's attention really dispatched to, forward and backward
     assert env["sdpa"]["backend"] == "flash (CPU kernel)", env["sdpa"]
-    assert any("backward" in k for k in env["sdpa"]["kernels"])
+    assert "ScaledDotProductFlashAttentionForCpuBackward0" in env["sdpa"]["autograd_nodes"]
     glob = json.loads((world / "env_global" / "run.json").read_text())["attempts"][-1]["environment"]
     assert glob["sdpa"]["backend"] is None and glob["numerics"]["deterministic_algorithms"] is before
     assert "NCCL_ALGO" not in glob["nccl_env"]  # not deterministic: nothing pinned
@@ -119,6 +119,29 @@ def test_deterministic_mode_leaves_a_users_nccl_choice(monkeypatch):
     finally:
         restore()
     assert os.environ["NCCL_ALGO"] == "Tree" and "NCCL_PROTO" not in os.environ
+
+
+def test_sdpa_probe_names_the_cpu_flash_kernels_without_importing_dynamo():
+    """The main rank's SDPA record comes from the autograd graph, not a TorchDispatchMode, which would import
+    torch._dynamo (1.4 s of CPU while every other rank waits); the math path is told apart."""
+    code = """
+import sys, torch
+from retrace.train.environment import sdpa_backend
+rec = sdpa_backend(attention="flash", device=torch.device("cpu"), dtype=torch.float16, heads=2, seq_len=16,
+                   head_dim=8)
+assert rec["backend"] == "flash (CPU kernel)", rec
+assert "ScaledDotProductFlashAttentionForCpuBackward0" in rec["autograd_nodes"], rec
+assert "torch._dynamo" not in sys.modules, "dynamo imported"
+from torch.nn.attention import SDPBackend, sdpa_kernel
+with sdpa_kernel([SDPBackend.MATH]):
+    math = sdpa_backend(attention="flash", device=torch.device("cpu"), dtype=torch.float32, heads=2, seq_len=16,
+                        head_dim=8)
+assert math["backend"] == "math", math
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "workflow")})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
 def test_deterministic_mode_is_torchs_own_setting_without_importing_inductor():

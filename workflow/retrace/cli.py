@@ -35,7 +35,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, own_process: bool | None = None) -> int:
+    """Run one command. ``own_process``: this call is the process's entry point (the console script or
+    ``python -m retrace``, where ``argv`` is None), so no torch op ran before it; ``retrace train`` then
+    starts a CPU cell's local ranks as forks of this process. A caller inside another program (a test)
+    is not, by default."""
+    own_process = argv is None if own_process is None else own_process
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and not argv[0].startswith("-") else None
     parser = build_parser(command)
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    args.own_process = own_process
     try:
         return int(args.func(args) or 0)
     except RetraceError as exc:

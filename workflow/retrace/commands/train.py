@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_arguments(TrainConfig, args)
     main_rank = os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0"
     try:
-        result = train(cfg)
+        # a process of its own has run no torch op: a CPU cell's ranks may be forks of it (retrace.cli.main)
+        result = train(cfg, fork_ranks=getattr(args, "own_process", False))
     except TrainingInterrupted as exc:
         if main_rank:
             print(f"retrace train: {exc}", file=sys.stderr)

@@ -28,14 +28,15 @@ from typing import Any
 
 import torch
 
-_SDPA_KERNELS = (  # aten op name fragment → backend (checked in this order: "flash_attention_for_cpu" first)
-    ("_scaled_dot_product_flash_attention_for_cpu", "flash (CPU kernel)"),
-    ("_scaled_dot_product_flash_attention", "flash"),
-    ("_flash_attention", "flash"),
-    ("_scaled_dot_product_efficient_attention", "efficient"),
-    ("_efficient_attention", "efficient"),
-    ("_scaled_dot_product_cudnn_attention", "cudnn"),
-    ("_scaled_dot_product_attention_math", "math"),
+#: autograd node name fragment → backend (checked in this order: the CPU flash kernel's node first). Each
+#: fused SDPA kernel has its own node (derivatives.yaml: ``_scaled_dot_product_flash_attention_for_cpu`` →
+#: ``ScaledDotProductFlashAttentionForCpuBackward0``); the math path is composite ops, so none of these.
+_SDPA_NODES = (
+    ("ScaledDotProductFlashAttentionForCpu", "flash (CPU kernel)"),
+    ("ScaledDotProductFlashAttention", "flash"),
+    ("ScaledDotProductEfficientAttention", "efficient"),
+    ("ScaledDotProductCudnnAttention", "cudnn"),
+    ("ScaledDotProductFusedAttentionOverrideable", "overrideable"),
 )
 
 
@@ -99,40 +100,44 @@ def numerics_flags(*, deterministic: bool | None = None) -> dict[str, Any]:
 
 def sdpa_backend(*, attention: str, device: torch.device, dtype: torch.dtype, heads: int, seq_len: int,
                  head_dim: int) -> dict[str, Any]:
-    """The SDPA kernels retrace's ``flash`` attention dispatches to for this head shape, dtype and device
-    (one batch row, forward and backward); ``global`` attention uses none."""
+    """The SDPA kernel retrace's ``flash`` attention dispatches to for this head shape, dtype and device (one
+    batch row), read off the autograd graph it builds: the fused kernel's backward node names it (a kernel
+    the dispatcher chose, not one asked for); a graph without one ran the math path. ``global`` attention
+    uses none. (A TorchDispatchMode would list the aten ops too, but imports torch._dynamo: 1.4 s of CPU
+    on the main rank, while every other rank waits.)"""
     if attention != "flash":
         return {"backend": None, "note": "global attention: explicit baddbmm, masked softmax and bmm"}
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from retrace.model import _flash_attention  # the function the model's attention calls
-
-    seen: set[str] = set()
-
-    class Record(TorchDispatchMode):  # every aten kernel dispatched, by name
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.add(str(func.name()))
-            return func(*args, **(kwargs or {}))
 
     gen = torch.Generator(device=device).manual_seed(0)  # never the training RNG
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, generator=gen, device=device, dtype=dtype)
                .requires_grad_(True) for _ in range(3))
     try:
-        with Record():
-            _flash_attention(q, k, v, 1.0 / head_dim**0.5).float().sum().backward()
-        names = sorted(n for n in seen if "attention" in n)
+        out = _flash_attention(q, k, v, 1.0 / head_dim**0.5)
+        nodes = sorted(_graph_node_names(out.grad_fn))
     except Exception as exc:  # noqa: BLE001 - recorded, never fatal: this is a record, not the run
         return {"backend": None, "error": f"{type(exc).__name__}: {exc}"}
     finally:
         del q, k, v
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    backend = None
-    for fragment, label in _SDPA_KERNELS:
-        if any(fragment in n and "backward" not in n for n in names):
-            backend = label
-            break
-    return {"backend": backend, "kernels": names, "shape": [1, heads, seq_len, head_dim], "dtype": str(dtype)}
+    backend = next((label for fragment, label in _SDPA_NODES if any(fragment in n for n in nodes)), "math")
+    return {"backend": backend, "autograd_nodes": nodes, "shape": [1, heads, seq_len, head_dim],
+            "dtype": str(dtype)}
+
+
+def _graph_node_names(root) -> set[str]:
+    """Names of every node of an autograd graph (the probe's is a handful: the attention and the leaves)."""
+    names: set[str] = set()
+    todo, seen = [root], set()
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.add(node.name())
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
 
 
 def environment(device: torch.device | None = None, engine_name: str | None = None, *,

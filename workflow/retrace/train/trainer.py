@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import signal
@@ -39,7 +40,7 @@ from retrace.rundir import RunDir, timestamp
 from retrace.spec import TrainConfig
 from retrace.train import fingerprints
 from retrace.train import state as st
-from retrace.train.distributed import DistEnv, detect, launch_local
+from retrace.train.distributed import LOCAL_START_VAR, DistEnv, detect, launch_local
 from retrace.train.environment import environment  # noqa: F401 - re-exported (run.json's record)
 
 #: the shortest wait for every rank of a run to join the process group (seconds)
@@ -70,20 +71,35 @@ class TrainResult:
 
 
 # -- entry point -----------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train one cell. With ``gpus`` > 1 and no distributed environment, starts ``gpus`` local ranks."""
+def train(cfg: TrainConfig, *, fork_ranks: bool = False) -> TrainResult:
+    """Train one cell. With ``gpus`` > 1 and no distributed environment, starts ``gpus`` local ranks.
+
+    ``fork_ranks``: a CPU cell's local ranks are forks of this process, which then runs nothing on more
+    than one thread before they start (``distributed.fork_ok``): each rank skips a fresh interpreter's
+    imports, ~2 s of CPU. Only a caller that has run no torch op in this process may ask for it
+    (``retrace train`` does); the ranks compute the same either way.
+    """
     env = detect()
     if env is None and cfg.gpus > 1 and not cfg.simulate_ranks:
+        fork = fork_ranks and (cfg.device == "cpu" or cfg.device == "auto" and not torch.cuda.is_available())
+        if fork:  # the launcher never starts libgomp's pool, which a forked child could not use
+            torch.set_num_threads(1)
         # Every input check first, here, so that bad input is one error before any rank starts.
         parent = DistEnv(rank=0, world_size=cfg.gpus, local_rank=0, local_world_size=cfg.gpus, source="local")
-        Trainer(cfg, parent).prepare()
+        Trainer(cfg, parent).prepare(pin_threads=not fork)
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         fd, cfg_path = tempfile.mkstemp(prefix=".train-config.", suffix=".json", dir=out)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(cfg.to_dict(), fh)
+        target = None
+        if fork:
+            from retrace.train import worker
+
+            _preload_rank_modules()
+            target = functools.partial(worker.main, [cfg_path])
         try:
-            code = launch_local(["-m", "retrace.train.worker", cfg_path], cfg.gpus)
+            code = launch_local(["-m", "retrace.train.worker", cfg_path], cfg.gpus, fork_target=target)
         finally:
             Path(cfg_path).unlink(missing_ok=True)
         if code != 0:
@@ -93,6 +109,17 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise RetraceError(f"training ranks failed (exit status {code}); see their messages above")
         return _result_from_disk(out)
     return Trainer(cfg, env).run()
+
+
+def _preload_rank_modules() -> None:
+    """Import, once in the launcher, what every forked rank would otherwise import for itself."""
+    import pyarrow.parquet  # noqa: F401 - the train log and the resume state
+    import torch.distributed  # noqa: F401
+
+    import retrace.model  # noqa: F401
+    import retrace.train.determinism  # noqa: F401
+    import retrace.train.engine  # noqa: F401
+    import retrace.train.environment  # noqa: F401
 
 
 def _latest_state_step(out: Path) -> int:
@@ -140,8 +167,9 @@ class Trainer:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
 
-    def prepare(self) -> None:
-        """Every input check, before any compute: layout, recipe, data length, start weights."""
+    def prepare(self, *, pin_threads: bool = True) -> None:
+        """Every input check, before any compute: layout, recipe, data length, start weights.
+        ``pin_threads=False``: leave torch's thread count as it is (a launcher that forks its ranks)."""
         cfg = self.cfg
         cfg.check()
         if cfg.simulate_ranks:
@@ -151,7 +179,8 @@ class Trainer:
                 raise RetraceError("--simulate-ranks needs --engine builtin")
         elif self.env.world_size != cfg.gpus:
             raise RetraceError(f"--gpus {cfg.gpus} but the distributed environment has {self.env.world_size} ranks")
-        self._pin_threads()
+        if pin_threads:
+            self._pin_threads()
         from retrace.checkpoints import open_config
 
         self.source = start_source(cfg.reference, cfg.start_step)
@@ -643,7 +672,8 @@ class Trainer:
             "distributed": {"source": self.env.source, "world_size": self.env.world_size,
                             "backend": "nccl" if self.device.type == "cuda" and self.env.world_size > 1
                             else ("gloo" if self.env.world_size > 1 else None),
-                            "save_timeout_s": getattr(self, "save_timeout", None)},
+                            "save_timeout_s": getattr(self, "save_timeout", None),
+                            "local_start": os.environ.get(LOCAL_START_VAR)},  # fork|spawn (launch_local)
             "published": self.cfg.published,
             "deterministic": self.cfg.deterministic,
             "stop_deadline": getattr(self, "deadline", None),
