@@ -16,7 +16,7 @@ from pathlib import Path
 
 from retrace.train import TrainConfig, train
 from retrace.train.distributed import LOCAL_START_VAR, launch_local
-from test_train_helpers import B, SEQ, load_ckpt
+from test_train_helpers import SEQ, B, load_ckpt
 
 STEPS = 4
 
