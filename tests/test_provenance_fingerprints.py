@@ -211,3 +211,20 @@ def test_replica_and_reanchored_cells_are_named_by_their_own_axis():
     assert replicas and anchored
     assert all(factors[i] == ("replica", "1") for i in replicas)
     assert all(factors[i] == ("reanchor", "True") for i in anchored)
+
+
+def test_a_steps_exchange_packs_to_one_size_per_rank_and_back():
+    """The trainer's one all_gather per step: every rank's part is pdbs·gas entries of one size, and
+    unpacking gives back the loss, the stop signal and each sample's digest at its batch position."""
+    from retrace.data.batch_hash import sample_digest
+    from retrace.train.fingerprints import pack, unpack
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for rank in range(3):
+        digests = {pos: sample_digest(rng.integers(0, 512, size=16)) for pos in (rank, rank + 3)}
+        part = pack([1.5 + rank, float(rank == 2) * 15], digests)
+        values, back = unpack(part, 2)
+        assert values == [1.5 + rank, float(rank == 2) * 15] and back == digests
+        parts.append(part)
+    assert len({p.size for p in parts}) == 1 and parts[0].dtype == np.uint8

@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from retrace.checkpoints.hf import SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX
 from retrace.checkpoints.hubcache import is_lfs_file, read_tree_listing, repo_folder
+from retrace.checkpoints.names import SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX
 from retrace.errors import RetraceError
 from retrace.hubenv import hub_cache_dir
 from retrace.io import sha256_file

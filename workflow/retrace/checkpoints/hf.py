@@ -17,14 +17,16 @@ from typing import Any
 import torch
 
 from retrace.checkpoints.base import IndexedReader, ParamReader
-from retrace.checkpoints.names import canonical_hf_name, canonical_order
+from retrace.checkpoints.names import (  # noqa: F401 - the file names are re-exported here
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    TORCH_BIN,
+    TORCH_BIN_INDEX,
+    canonical_hf_name,
+    canonical_order,
+)
 from retrace.checkpoints.torchload import safe_torch_load_mapped
 from retrace.errors import RetraceError
-
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_BIN = "pytorch_model.bin"
-TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 def read_index(path: Path) -> dict[str, Path]:

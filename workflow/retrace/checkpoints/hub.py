@@ -30,8 +30,8 @@ import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from retrace.checkpoints.hf import SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX
 from retrace.checkpoints.hubcache import read_tree_listing
+from retrace.checkpoints.names import SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX
 from retrace.checkpoints.neox import LAYER_FILE_RE, MP_FILE_RE
 from retrace.checkpoints.trust import ALLOW_UNVERIFIED_ENV, OFF, REQUIRE, verify_mode
 from retrace.errors import RetraceError

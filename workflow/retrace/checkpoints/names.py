@@ -11,6 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+#: Hugging Face weight file names (here, not in checkpoints.hf, so that readers of a repo's file list need
+#: no torch: the compare and audit jobs import this module).
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+
 # Persistent buffers of 2023-era GPT-NeoX checkpoints: not parameters, never compared or trained.
 # Matched by suffix only: a loose "bias" match would also drop real dense/query_key_value biases.
 BUFFER_SUFFIXES = (".attention.bias", ".masked_bias", "inv_freq")

@@ -21,6 +21,7 @@ import torch
 
 from retrace.checkpoints.base import DictReader, ParamReader, is_buffer_name
 from retrace.checkpoints.names import HF_ALIASES, canonical_order
+from retrace.checkpoints.seal import DATA_SHA256, check_sealed  # noqa: F401 - re-exported
 from retrace.errors import RetraceError
 from retrace.io import atomic_path, default_file_mode
 
@@ -46,8 +47,6 @@ for _code, _attr in (
     if hasattr(torch, _attr):
         SAFETENSORS_DTYPES[_code] = getattr(torch, _attr)
 _CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-#: Metadata key of a sealed file's data hash (``save_params(seal=True)``, ``check_sealed``).
-DATA_SHA256 = "retrace.data_sha256"
 
 
 def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -149,40 +148,6 @@ def save_params(
     except Exception as exc:  # noqa: BLE001 - disk full, unreadable source tensor…
         raise RetraceError(f"{path}: could not write parameters: {type(exc).__name__}: {exc}") from exc
     return path
-
-
-def check_sealed(path: str | os.PathLike) -> bool:
-    """Check a file ``save_params(seal=True)`` wrote: its size is what its header announces and its data
-    hashes to the recorded ``DATA_SHA256``. Returns False for an unsealed file (nothing to check against).
-
-    Raises:
-        RetraceError: naming the file: truncated, extended, a bad header, or data that differs.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if n < 0 or 8 + n > size:
-                raise RetraceError(f"{path}: truncated or not a safetensors file ({size} bytes)")
-            header = json.loads(fh.read(n))
-            want = header.get("__metadata__", {}).get(DATA_SHA256)
-            if want is None:
-                return False
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if size != 8 + n + end:
-                raise RetraceError(f"{path}: {size} bytes, but its header announces {8 + n + end}: truncated or "
-                                   "extended since it was written")
-            digest = hashlib.sha256()
-            while chunk := fh.read(8 << 20):
-                digest.update(chunk)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise RetraceError(f"{path}: unreadable safetensors header: {type(exc).__name__}: {exc}") from exc
-    if digest.hexdigest() != want:
-        raise RetraceError(f"{path}: its data does not hash to the sha256 recorded when it was written "
-                           f"({want[:12]}…): the file is corrupt (fetch it again)")
-    return True
 
 
 def _mapping_reader(params: Mapping[str, torch.Tensor]) -> ParamReader:

@@ -100,7 +100,7 @@ def compare_checked(checkpoint: Path, sha256: str | None, reference: str, refere
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from retrace.checkpoints.save import check_sealed
+    from retrace.checkpoints.seal import check_sealed
     from retrace.compare.similarity import compare_sources
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="retrace-verify") as pool:

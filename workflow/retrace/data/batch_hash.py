@@ -14,10 +14,13 @@ from collections.abc import Iterable
 
 import numpy as np
 
+#: bytes of one sample's digest
+DIGEST_BYTES = 16
+
 
 def sample_digest(tokens: np.ndarray) -> bytes:
     """blake2b-128 of one sample's token ids (little-endian int64)."""
-    return hashlib.blake2b(np.ascontiguousarray(tokens, dtype="<i8").tobytes(), digest_size=16).digest()
+    return hashlib.blake2b(np.ascontiguousarray(tokens, dtype="<i8").tobytes(), digest_size=DIGEST_BYTES).digest()
 
 
 def combine(digests: Iterable[bytes]) -> str:

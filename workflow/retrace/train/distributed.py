@@ -123,7 +123,7 @@ def _fork_rank(target: Callable[[], int], env: dict[str, str]) -> _ForkedRank:
         os.environ.update(env)
         code = target()
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
     except BaseException:  # noqa: BLE001 - a rank's crash is reported as a fresh interpreter would

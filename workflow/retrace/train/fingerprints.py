@@ -23,12 +23,12 @@ Two runs are bit-identical through step s if their ``param_fp`` agree at every s
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from retrace.data.batch_hash import combine, sample_digest
+from retrace.data.batch_hash import DIGEST_BYTES, combine, sample_digest
 
 #: The train-log columns this module fills.
 LOG_COLUMNS = ("batch_hash", "param_fp")
@@ -84,17 +84,15 @@ def param_fingerprint(params: Iterable[tuple[str, torch.Tensor]]) -> str:
 class StepFingerprints:
     """Collects one step's fingerprints inside the training loop.
 
-    ``saw(step, ids, tokens)`` after reading each micro-batch; ``row(engine)`` after the optimizer step
-    (every rank calls it: with ``gather`` set — the ranks are processes — the digests are exchanged),
-    returns the log columns and starts the next step. ``is_main``: only it computes ``param_fp`` (the
-    weights are the same on every rank); the others log None.
+    ``saw(step, ids, tokens)`` after reading each micro-batch; after the optimizer step, ``take()`` hands
+    over this rank's digests (the trainer exchanges them over the ranks together with the loss:
+    ``pack``/``unpack``) and ``row(engine, digests)`` returns the log columns from all of them. ``is_main``:
+    only it computes ``param_fp`` (the weights are the same on every rank); the others log None.
     """
 
-    def __init__(self, global_batch: int, *, is_main: bool = True,
-                 gather: Callable[[dict[int, bytes]], list[dict[int, bytes]]] | None = None):
+    def __init__(self, global_batch: int, *, is_main: bool = True):
         self.global_batch = global_batch
         self.is_main = is_main
-        self.gather = gather
         self._digests: dict[int, bytes] = {}
 
     def saw(self, step: int, ids, tokens) -> None:
@@ -102,14 +100,13 @@ class StepFingerprints:
         for item, row in zip(np.asarray(ids).tolist(), rows, strict=True):
             self._digests[int(item) - self.global_batch * step] = sample_digest(row)
 
-    def row(self, engine) -> dict[str, str | None]:
-        digests = self._digests
-        self._digests = {}
-        if self.gather is not None:
-            merged: dict[int, bytes] = {}
-            for part in self.gather(digests):
-                merged.update(part)
-            digests = merged
+    def take(self) -> dict[int, bytes]:
+        """This rank's digests of the step (position in the global batch → digest); starts the next step."""
+        digests, self._digests = self._digests, {}
+        return digests
+
+    def row(self, engine, digests: dict[int, bytes]) -> dict[str, str | None]:
+        """The log columns, from every rank's digests of the step."""
         if sorted(digests) != list(range(self.global_batch)):
             raise RuntimeError(f"batch fingerprint: saw {len(digests)} of {self.global_batch} samples")
         batch = combine(digests[i] for i in range(self.global_batch))
@@ -117,13 +114,23 @@ class StepFingerprints:
         return {"batch_hash": batch, "param_fp": params}
 
 
-def for_trainer(global_batch: int, env, simulate_ranks: bool) -> StepFingerprints:
-    """The recorder for a training run: digests gathered over the ranks when they are processes."""
-    gather = None
-    if env.world_size > 1 and not simulate_ranks:
-        def gather(mine: dict[int, bytes]) -> list[dict[int, bytes]]:
-            out: list = [None] * env.world_size
-            torch.distributed.all_gather_object(out, mine)
-            return out
+#: bytes of one sample's entry in ``pack``: its position (int64) and its digest
+_ENTRY = 8 + DIGEST_BYTES
 
-    return StepFingerprints(global_batch, is_main=env.is_main, gather=gather)
+
+def pack(values: Sequence[float], digests: dict[int, bytes]) -> np.ndarray:
+    """One rank's part of a step's exchange as bytes: float64 ``values``, then (position, digest) pairs in
+    position order. Every rank packs as many values and samples (pdbs·gas), so the parts are one size and
+    a single tensor all_gather exchanges them."""
+    head = np.asarray(values, dtype="<f8").tobytes()
+    body = b"".join(int(i).to_bytes(8, "little") + digests[i] for i in sorted(digests))
+    return np.frombuffer(head + body, dtype=np.uint8)
+
+
+def unpack(part: np.ndarray, n_values: int) -> tuple[list[float], dict[int, bytes]]:
+    """``pack``'s inverse."""
+    raw = part.tobytes()
+    values = np.frombuffer(raw[: 8 * n_values], dtype="<f8").tolist()
+    body = raw[8 * n_values:]
+    digests = {int.from_bytes(body[k:k + 8], "little"): body[k + 8:k + _ENTRY] for k in range(0, len(body), _ENTRY)}
+    return values, digests

@@ -468,7 +468,7 @@ class Trainer:
         # progress line every step (so a test can kill the run at a step it chose).
         delay = float(os.environ.get("RETRACE_TEST_STEP_DELAY", "0") or 0)
         ranks = range(cfg.gpus) if cfg.simulate_ranks else [self.env.rank]
-        prints = fingerprints.for_trainer(r.global_batch, self.env, cfg.simulate_ranks)
+        prints = fingerprints.StepFingerprints(r.global_batch, is_main=self.env.is_main)
         tokens_per_step = r.global_batch * r.seq_length
         t_start = time.perf_counter()
         last_print = 0.0
@@ -492,14 +492,14 @@ class Trainer:
             res = engine.step(step=step + 1)
             if delay:
                 time.sleep(delay)
-            loss, stop = self._reduce_loss_and_stop(loss_sum)
+            loss, stop, digests = self._exchange_step(loss_sum, prints.take())
             step += 1
             dt = time.perf_counter() - t0
             final_loss = loss
             rows.append({"step": step, "loss": loss, "lr": res.lr, "loss_scale": res.loss_scale,
                          "grad_norm": res.grad_norm, "skipped": res.skipped, "tokens_per_s": tokens_per_step / dt,
                          "step_time_s": dt, "lr_iter": engine.lr_iter, "adam_steps": engine.adam_steps,
-                         **prints.row(engine)})
+                         **prints.row(engine, digests)})
             saving = step in self.save_steps
             if saving and self.env.is_main:
                 hashes[str(step)] = self._save_checkpoint(engine, step, ckpt_dir)
@@ -549,23 +549,32 @@ class Trainer:
                             heads=mc.heads, seq_len=self.recipe.seq_length, head_dim=mc.head_dim)
         return environment(self.device, engine_name=self.cfg.engine, deterministic=self.cfg.deterministic, sdpa=sdpa)
 
-    def _reduce_loss_and_stop(self, loss_sum: torch.Tensor) -> tuple[float, int]:
-        """Mean loss over micro-batches and ranks; and whether any rank got a stop signal (its number). The
-        main rank's deadline (the SLURM job's end time less the stop lead) counts as SIGUSR2."""
+    def _exchange_step(self, loss_sum: torch.Tensor, digests: dict[int, bytes]) -> tuple[float, int, dict]:
+        """What the ranks tell each other after a step, in one all_gather (each collective costs a rendezvous
+        of every rank: on a busy CPU node, as long as the step's arithmetic): the mean loss over micro-batches
+        and ranks (their sums added in rank order), whether any rank got a stop signal (its number), and
+        every rank's sample digests (retrace.train.fingerprints). The main rank's deadline (the SLURM job's
+        end time less the stop lead) counts as SIGUSR2."""
         if getattr(self, "deadline", None) is not None and self.stop_signal is None and time.time() >= self.deadline:
             self.stop_signal = signal.SIGUSR2
             print(f"retrace train: the job's time limit is {self.stop_lead} s away or less (--stop-lead-s): "
                   "saving and stopping after this step", file=sys.stderr, flush=True)
-        buf = torch.tensor([float(loss_sum), float(self.stop_signal or 0)], dtype=torch.float64)
+        values = [float(loss_sum), float(self.stop_signal or 0)]
         if self.env.world_size > 1:
+            part = torch.from_numpy(fingerprints.pack(values, digests).copy())
             dev = self.device if self.device.type == "cuda" else torch.device("cpu")
-            t = buf.to(dev)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-            buf = t.cpu()
-            sig = int(buf[1]) and (self.stop_signal or signal.SIGTERM)
+            parts = [torch.empty_like(part, device=dev) for _ in range(self.env.world_size)]
+            torch.distributed.all_gather(parts, part.to(dev))
+            total, any_signal, digests = 0.0, 0, {}
+            for gathered in parts:  # rank order
+                (loss_r, signal_r), digests_r = fingerprints.unpack(gathered.cpu().numpy(), len(values))
+                total += loss_r
+                any_signal = any_signal or int(signal_r)
+                digests.update(digests_r)
+            sig = any_signal and (self.stop_signal or signal.SIGTERM)
         else:
-            sig = int(buf[1])
-        return float(buf[0]) / (self.gas * self.cfg.gpus), int(sig)
+            total, sig = values[0], int(values[1])
+        return total / (self.gas * self.cfg.gpus), int(sig), digests
 
     def _barrier(self) -> None:
         if self.env.world_size > 1 and torch.distributed.is_initialized():
