@@ -121,6 +121,12 @@ def test_deterministic_mode_leaves_a_users_nccl_choice(monkeypatch):
     assert os.environ["NCCL_ALGO"] == "Tree" and "NCCL_PROTO" not in os.environ
 
 
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a new interpreter: what a rank process imports, not what this test process has."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "workflow")})
+
+
 def test_sdpa_probe_names_the_cpu_flash_kernels_without_importing_dynamo():
     """The main rank's SDPA record comes from the autograd graph, not a TorchDispatchMode, which would import
     torch._dynamo (1.4 s of CPU while every other rank waits); the math path is told apart."""
@@ -139,8 +145,7 @@ with sdpa_kernel([SDPBackend.MATH]):
 assert math["backend"] == "math", math
 print("ok")
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "workflow")})
+    r = _fresh_python(code)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
@@ -162,6 +167,5 @@ determinism.set_algorithms(False)
 assert inductor.deterministic is False and not torch.are_deterministic_algorithms_enabled()
 print("ok")
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "workflow")})
+    r = _fresh_python(code)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -124,7 +124,7 @@ def pack(values: Sequence[float], digests: dict[int, bytes]) -> np.ndarray:
     a single tensor all_gather exchanges them."""
     head = np.asarray(values, dtype="<f8").tobytes()
     body = b"".join(int(i).to_bytes(8, "little") + digests[i] for i in sorted(digests))
-    return np.frombuffer(head + body, dtype=np.uint8)
+    return np.frombuffer(bytearray(head + body), dtype=np.uint8)  # writable: torch.from_numpy takes it as is
 
 
 def unpack(part: np.ndarray, n_values: int) -> tuple[list[float], dict[int, bytes]]:

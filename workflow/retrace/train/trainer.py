@@ -561,17 +561,18 @@ class Trainer:
                   "saving and stopping after this step", file=sys.stderr, flush=True)
         values = [float(loss_sum), float(self.stop_signal or 0)]
         if self.env.world_size > 1:
-            part = torch.from_numpy(fingerprints.pack(values, digests).copy())
+            part = torch.from_numpy(fingerprints.pack(values, digests))
             dev = self.device if self.device.type == "cuda" else torch.device("cpu")
             parts = [torch.empty_like(part, device=dev) for _ in range(self.env.world_size)]
             torch.distributed.all_gather(parts, part.to(dev))
-            total, any_signal, digests = 0.0, 0, {}
+            total, any_signal, merged = 0.0, 0, {}
             for gathered in parts:  # rank order
                 (loss_r, signal_r), digests_r = fingerprints.unpack(gathered.cpu().numpy(), len(values))
                 total += loss_r
                 any_signal = any_signal or int(signal_r)
-                digests.update(digests_r)
+                merged.update(digests_r)
             sig = any_signal and (self.stop_signal or signal.SIGTERM)
+            digests = merged
         else:
             total, sig = values[0], int(values[1])
         return total / (self.gas * self.cfg.gpus), int(sig), digests
