@@ -7,6 +7,7 @@ The step's peak is measured in a fresh subprocess (tests/memory_probe.py: VmHWM 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,17 @@ PROBE = Path(__file__).with_name("memory_probe.py")
 A40 = 48 * 10**9
 
 
+# glibc's default mmap threshold grows once a large block is freed, after which large tensors come from the
+# heap and a freed one stays resident: the RSS peak then counts the heap's slack, which differs between
+# machines (a checkpointed forward/backward measured 1.39x its live peak here and 1.51x on CI). A fixed
+# threshold turns that off (mallopt(3), M_MMAP_THRESHOLD): every tensor over 64 KiB is its own mapping,
+# returned to the kernel when freed.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+
+
 def probe(*args: str) -> dict:
-    out = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True, check=True, timeout=300,
+                         env={**os.environ, **MALLOC_ENV})
     return json.loads(out.stdout)
 
 
@@ -99,9 +109,12 @@ def test_breakdown_arithmetic():
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpointed"])
 def test_activation_estimate_against_a_measured_cpu_peak(checkpoint):
     """One fp32 forward/backward of a small model on CPU (explicit 'global' attention, whose scores the
-    formula's 5·a·s/h term counts) against the model's activations + logits: the same size, within 50 %
-    (an RSS peak includes the allocator's slack, which differs between machines: 1.34 seen on one where
-    another gave 1.1)."""
+    formula's 5·a·s/h term counts) against the model's activations + logits.
+
+    The formula overestimates this model: it keeps the paper's dropout masks (Pythia's dropout is 0) and
+    counts tensors torch's CPU kernels do not keep. 0.73 (plain) and 0.74 (checkpointed) were measured: one
+    common factor, so the recomputation is accounted for right. The bounds fail if the estimate ignored
+    the recomputation (checkpointed: 0.43) or counted fp32 activations at 2 bytes (plain: 1.15)."""
     args = ["--hidden", "256", "--layers", "4", "--vocab", "4096", "--what", "forward_backward", "--pdbs", "8",
             "--seq", "256", "--precision", "fp32", "--attention", "global"] + (["--checkpoint"] if checkpoint else [])
     measured = probe(*args)["transient_bytes"]
@@ -111,4 +124,4 @@ def test_activation_estimate_against_a_measured_cpu_peak(checkpoint):
     ratio = measured / (est.activations + est.logits)
     print(f"\nactivations+logits measured/estimated ({'checkpointed' if checkpoint else 'plain'}): {ratio:.2f}",
           file=sys.stderr)
-    assert 0.7 < ratio < 1.5
+    assert 0.6 < ratio < 1.1

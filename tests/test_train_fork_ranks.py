@@ -45,50 +45,34 @@ def test_forked_ranks_train_the_same_bits_as_spawned_ones(world):
     assert proc.stderr.count("step 4 reached") == 1
 
 
-def _rank() -> int:
-    return int(os.environ["RANK"])
+PROBE = Path(__file__).with_name("fork_launch_probe.py")
 
 
-def test_fork_launcher_returns_the_first_failing_ranks_status():
-    assert launch_local(["-c", "pass"], 3, fork_target=lambda: 0) == 0
-    assert launch_local(["-c", "pass"], 3, fork_target=lambda: 3 if _rank() == 2 else 0) == 3
+def _launch_forked(scenario: str, nprocs: int, out: Path) -> tuple[int, str]:
+    """The launcher with forked ranks in a fresh interpreter (tests/fork_launch_probe.py says why not
+    here); returns its exit code and the process's stderr."""
+    proc = subprocess.run([sys.executable, str(PROBE), scenario, str(nprocs), str(out)], capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "workflow")})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["code"], proc.stderr
 
 
-def test_a_forked_ranks_crash_is_reported_and_the_others_are_stopped(capfd):
-    def crash_or_wait() -> int:
-        if _rank() == 1:
-            raise ValueError("rank one broke")
-        time.sleep(60)  # a rank waiting in a collective for the one that died
-        return 0
+def test_fork_launcher_returns_the_first_failing_ranks_status(tmp_path):
+    assert _launch_forked("ok", 3, tmp_path)[0] == 0
+    assert _launch_forked("rank2_fails", 3, tmp_path)[0] == 3
 
+
+def test_a_forked_ranks_crash_is_reported_and_the_others_are_stopped(tmp_path):
     t0 = time.monotonic()
-    code = launch_local(["-c", "pass"], 2, fork_target=crash_or_wait, grace_s=0.5)
+    code, err = _launch_forked("crash_or_wait", 2, tmp_path)  # grace_s=0.5
     assert code == 1 and time.monotonic() - t0 < 30
-    assert "ValueError: rank one broke" in capfd.readouterr().err
+    assert "ValueError: rank one broke" in err
 
 
 def test_forked_ranks_get_their_own_environment_and_the_forwarded_signal(tmp_path):
-    def report_then_wait() -> int:
-        (tmp_path / f"rank{_rank()}.json").write_text(json.dumps(
-            {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", LOCAL_START_VAR)}))
-        got: list[int] = []
-        signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(signum))
-        if _rank() == 1:  # both ranks ready: the launcher is sent SIGTERM, as SLURM or a user would
-            while len(list(tmp_path.glob("rank*.json"))) < 2:
-                time.sleep(0.01)
-            time.sleep(0.5)  # the launcher installs its forwarding handler once every rank is started
-            os.kill(os.getppid(), signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return 128 + got[0] if got else 0
-
-    old = signal.getsignal(signal.SIGTERM)
-    try:
-        code = launch_local(["-c", "pass"], 2, fork_target=report_then_wait)
-    finally:
-        signal.signal(signal.SIGTERM, old)
-    assert code == 128 + signal.SIGTERM  # every rank got the forwarded signal and exited as a saving rank does
+    code, err = _launch_forked("report_then_wait", 2, tmp_path)
+    assert code == 128 + signal.SIGTERM, err  # every rank got the forwarded signal and exited as a saving rank does
     envs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [e["RANK"] for e in envs] == ["0", "1"] and [e["LOCAL_RANK"] for e in envs] == ["0", "1"]
     assert {e["WORLD_SIZE"] for e in envs} == {"2"} and {e[LOCAL_START_VAR] for e in envs} == {"fork"}
