@@ -14,7 +14,9 @@ with nothing positive stays linear.
 
 Labels come from the study (model names, data variants, axis values): math text is off
 (``text.parse_math``), so a ``$`` in a name is drawn as a dollar sign instead of being parsed as TeX
-(``$\\foo$`` would otherwise stop the report with a parse error).
+(``$\\foo$`` would otherwise stop the report with a parse error). For the same reason a log axis's
+ticks are written as plain text (``10⁻³``, ``2×10⁻³``): matplotlib's default log formatter writes
+math text (``$\\mathdefault{10^{-3}}$``), which would otherwise be drawn as it is written.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
 
 from retrace.io import atomic_path
 from retrace.report.frames import DATA, MODEL, show, slug, sorted_values
@@ -40,6 +42,23 @@ DISTANCES = (("one_minus_cos", "1 − θ Cos"), ("l2", "L2"))
 PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
 
 _F = TypeVar("_F", bound=Callable)
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+class PlainLogFormatter(LogFormatter):
+    """Log-axis ticks as plain text: ``10⁻³`` at a decade, ``2×10⁻³`` between (math text is off).
+
+    The base class decides which ticks get a label (every decade; the minor ticks only when the axis
+    spans few decades); this class only writes the label it chose.
+    """
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        if not super().__call__(x, pos) or x <= 0:
+            return ""
+        exponent = int(np.floor(np.log10(x) + 1e-9))
+        mantissa = round(x / 10.0**exponent, 6)
+        power = f"10{str(exponent).translate(_SUPERSCRIPT)}"
+        return power if mantissa == 1 else f"{mantissa:g}×{power}"
 
 
 def _plain_text(fn: _F) -> _F:
@@ -70,6 +89,8 @@ def _logify(ax, xs: list[np.ndarray], ys: list[np.ndarray]) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
     if any(len(y) and (y > 0).any() for y in ys):
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(PlainLogFormatter())
+        ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
 
 
 def _positive(frame: pd.DataFrame, column: str) -> pd.DataFrame:
