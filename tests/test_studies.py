@@ -282,7 +282,7 @@ def test_embedded_study_audit_reads_its_hub_cache_offline(tmp_path):
     (audit,) = jobs_of(out.stdout, "audit")
     assert ("retrace audit retrace-tiny/pythia-tiny-deduped retrace-tiny/pythia-tiny-control "
             "retrace-tiny/pythia-tiny-null retrace-tiny/pythia-tiny-wide --offline "
-            "--cache-dir resources/hub --max-step 32") in audit["shell"]
+            "--cache-dir resources/hub --max-step 16") in audit["shell"]
 
 
 def tiny_cache_study(cache: Path, **extra) -> dict:

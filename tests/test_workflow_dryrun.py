@@ -55,8 +55,8 @@ def test_embedded_study_dry_run(tmp_path):
     n = len(study.cells())
     counts = job_counts(out.stdout)
     assert counts["train"] == n and counts["compare"] == n
-    # fetched once per (repo, step): 4 references × the Pythia schedule up to 32 (0, 1, 2, 4 … 32)
-    assert counts["fetch_reference"] == 4 * 7
+    # fetched once per (repo, step): 4 references × the Pythia schedule up to 16 (0, 1, 2, 4, 8, 16)
+    assert counts["fetch_reference"] == 4 * 6
     # one step 0 shared by the four built references; order maps for the two candidates and tiny-null's order
     assert counts["reference_train"] == 4 and counts["reference_init"] == 1 and counts["order_maps"] == 3
     assert counts["synth_data"] == 1 and counts["aggregate"] == 1 and counts["report"] == 1
